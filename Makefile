@@ -1,0 +1,33 @@
+# The two commands in the README:
+#   make demo   — set up a virtualenv, install crawl2model, run the whole pipeline on the demo
+#   make test   — run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Offline-friendly TF logging; DVC's and Prefect's phone-home stay off.
+export TF_CPP_MIN_LOG_LEVEL := 2
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: demo install test lint clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" dvc metrics show
+
+test: install
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check pipeline flows tests bench demo/build_site.py
+
+# Remove the demo's outputs (DVC keeps them in .dvc/cache; `dvc checkout` brings them back).
+clean-demo:
+	rm -rf data models dvclive reports
