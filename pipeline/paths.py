@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 RAW = Path("data/raw")  # crawl: <class>/<sha256>.<ext> + manifest.jsonl
-CLEAN = Path("data/clean")  # clean: <class>/<sha256>.png + manifest.jsonl, removed.jsonl, groups.jsonl
+CLEAN = Path("data/clean")  # clean: <class>/<sha256>.png + manifest, removed, groups
 SPLIT = Path("data/split")  # split: train.csv, val.csv, test.csv (path, class, group)
 AUGMENTED = Path("data/augmented")  # augment (offline mode): augmented copies + manifest.csv
 FEATURES = Path("data/features")  # train-transfer: cached VGG16 features (*.npy)
