@@ -114,17 +114,41 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p = sub.add_parser("check", help="validate params.yaml and exit")
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
-    try:
-        from pipeline.evaluate import add_predict_arguments
-    except ImportError:  # evaluate not importable: predict is unavailable, the stages still work
-        pass
-    else:
-        p = sub.add_parser(
-            "predict",
-            help="classify images with a trained model",
-            description="Print the top classes with probabilities for each image.",
-        )
-        add_predict_arguments(p)
+    p = sub.add_parser(
+        "predict",
+        help="classify images with a trained model",
+        description="Print the top classes with probabilities for each image, using the same "
+        "decode and resize as training. Exit 0 if all were classified, 1 if any image could "
+        "not be read (the others are still printed), 2 if the model cannot be loaded.",
+    )
+    p.add_argument(
+        "images",
+        nargs="+",
+        type=Path,
+        metavar="IMAGE_OR_DIR",
+        help="image files, or folders searched recursively for png/jpg/jpeg/gif/bmp/webp files",
+    )
+    p.add_argument(
+        "--model",
+        default="transfer_finetuned",
+        help="model name in --models-dir: baseline, transfer_features or transfer_finetuned "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--top", type=int, default=3, metavar="K", help="classes to show per image (default: 3)"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per image and line (JSON Lines) instead of text",
+    )
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=paths.MODELS,
+        help="folder holding <model>.keras and <model>.json (default: %(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
     return parser
 
 

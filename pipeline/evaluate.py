@@ -660,44 +660,6 @@ def _write_model_outputs(
 # predict
 
 
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``predict``'s arguments to its subcommand parser."""
-    parser.add_argument(
-        "images",
-        nargs="+",
-        type=Path,
-        metavar="IMAGE_OR_DIR",
-        help="image files, or folders searched recursively for "
-        + "/".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
-        + " files",
-    )
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_PREDICT_MODEL,
-        help="model name in --models-dir: baseline, transfer_features or transfer_finetuned "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--top",
-        type=int,
-        default=3,
-        metavar="K",
-        help="classes to show per image (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON object per image and line (JSON Lines) instead of text",
-    )
-    parser.add_argument(
-        "--models-dir",
-        type=Path,
-        default=Path("models"),
-        help="folder holding <model>.keras and <model>.json (default: %(default)s)",
-    )
-    parser.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
-
-
 def _expand_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     files: list[Path] = []
     errors: list[tuple[Path, str]] = []
