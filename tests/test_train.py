@@ -1,0 +1,228 @@
+"""train-baseline and train-transfer on a few dozen tiny real PNGs (32 px, 1–2 epochs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import StageError, TrainConfig
+from pipeline.train import train_baseline, train_transfer
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("dots", "hstripes", "vstripes")
+
+
+def _draw(kind: str, rng: np.random.Generator) -> Image.Image:
+    """A 40×36 grey image whose class is visible: a bright blob, or horizontal/vertical stripes."""
+    pixels = rng.integers(0, 60, size=(36, 40), dtype=np.uint8)
+    period = int(rng.integers(4, 8))
+    if kind == "dots":
+        y, x = int(rng.integers(6, 24)), int(rng.integers(6, 28))
+        pixels[y : y + 10, x : x + 10] = 230
+    elif kind == "hstripes":
+        pixels[(np.arange(36) // period) % 2 == 0, :] = 220
+    else:
+        pixels[:, (np.arange(40) // period) % 2 == 0] = 220
+    return Image.fromarray(pixels, mode="L")
+
+
+def write_split(root: Path, train_per_class: int = 8, val_per_class: int = 4) -> Path:
+    """data/clean/<class>/*.png and data/split/{train,val}.csv as the split stage writes them."""
+    rng = np.random.default_rng(0)
+    split_dir = root / "data" / "split"
+    split_dir.mkdir(parents=True)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        rows = []
+        for kind in CLASSES:
+            folder = root / "data" / "clean" / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                name = f"{split}{i}.png"
+                _draw(kind, rng).save(folder / name)
+                rows.append(
+                    {"path": f"../clean/{kind}/{name}", "class": kind, "group": f"{kind}{i}"}
+                )
+        with open(split_dir / f"{split}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["path", "class", "group"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return split_dir
+
+
+def tiny_config(**train: object) -> TrainConfig:
+    # batch 12 divides every split below: no partial batch, so each tf.function traces once.
+    data: dict[str, object] = {"image_size": 32, "batch_size": 12, "verbose": 0, **train}
+    return TrainConfig.model_validate(data)
+
+
+def _tsv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+# --- train-baseline ---------------------------------------------------------------------------
+
+
+def test_baseline_saves_model_sidecar_and_training_curves(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path)
+    cfg = tiny_config(baseline={"epochs": 2, "augment": True})
+
+    summary = train_baseline(cfg, split_dir, tmp_path / "models", tmp_path / "dvclive")
+
+    model = keras.models.load_model(tmp_path / "models" / "baseline.keras")
+    assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 3)
+    sidecar = json.loads((tmp_path / "models" / "baseline.json").read_text())
+    assert sidecar["class_names"] == sorted(CLASSES)
+    assert sidecar["image_size"] == 32 and sidecar["model"] == "baseline"
+    assert "tensorflow" in sidecar["versions"]
+    assert [r["step"] for r in _tsv_rows(tmp_path / "dvclive/plots/metrics/val/accuracy.tsv")] == [
+        "0",
+        "1",
+    ]
+    metrics = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
+    assert metrics["seed"] == cfg.seed and "keras" in metrics["versions"]
+    assert 0.0 <= metrics["baseline"]["val_accuracy"] <= 1.0
+    assert summary.models[0].epochs == 2
+    assert not (tmp_path / "models" / ".backup" / "baseline").exists()
+
+
+def test_baseline_fails_clearly_when_a_split_image_is_missing(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path)
+    (tmp_path / "data" / "clean" / "dots" / "val0.png").unlink()
+
+    with pytest.raises(StageError, match=r"val\.csv:2: image file not found"):
+        train_baseline(tiny_config(), split_dir, tmp_path / "models", tmp_path / "dvclive")
+
+
+def test_baseline_names_the_split_when_an_image_cannot_be_decoded(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
+    (tmp_path / "data" / "clean" / "dots" / "train1.png").write_bytes(b"<html>not a png</html>")
+
+    with pytest.raises(
+        StageError, match=r"\{train,val\}\.csv: an image they list cannot be decoded"
+    ):
+        train_baseline(tiny_config(), split_dir, tmp_path / "models", tmp_path / "dvclive")
+
+
+def test_killed_baseline_run_resumes_from_its_last_finished_epoch(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
+    cfg = tiny_config(patience=100, baseline={"epochs": 10, "augment": False})
+    history = tmp_path / "models" / ".backup" / "baseline" / "phase1" / "history.csv"
+    script = (
+        "import sys; from pathlib import Path; from pipeline.config import TrainConfig; "
+        "from pipeline.train import train_baseline; "
+        "train_baseline(TrainConfig.model_validate_json(sys.argv[1]), Path(sys.argv[2]), "
+        "Path(sys.argv[3]), Path(sys.argv[4]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [cfg.model_dump_json(), split_dir, tmp_path / "models", tmp_path / "dvclive"]
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env)
+    deadline = time.monotonic() + 120
+    while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, "no epoch finished within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    summary = train_baseline(cfg, split_dir, tmp_path / "models", tmp_path / "dvclive")
+
+    resumed_from = summary.resumed_from_epoch["baseline"]
+    assert 2 <= resumed_from < 10
+    sidecar = json.loads((tmp_path / "models" / "baseline.json").read_text())
+    assert sidecar["epochs"] == 10  # history kept across the kill: no epoch redone or lost
+    steps = [int(r["step"]) for r in _tsv_rows(tmp_path / "dvclive/plots/metrics/train/loss.tsv")]
+    assert steps[-1] == 9 and len(set(steps)) == len(steps)
+
+
+# --- train-transfer ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transfer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One fast-mode transfer run (hed-bsds500 weights), shared by the tests that inspect it."""
+    root = tmp_path_factory.mktemp("transfer")
+    split_dir = write_split(root)
+    cfg = tiny_config(transfer={"feature_epochs": 2, "fine_tune_epochs": 1, "fine_tune_lr": 1e-3})
+    train_transfer(cfg, split_dir, root / "models", root / "features", root / "dvclive")
+    return root
+
+
+def test_fast_mode_caches_features_and_saves_both_models(transfer_run: Path) -> None:
+    features = np.load(transfer_run / "features" / "train_features.npy")
+    with open(transfer_run / "features" / "train.csv") as fh:
+        feature_rows = list(csv.DictReader(fh))
+
+    assert features.shape == (24, 1, 1, 512)
+    assert len(feature_rows) == 24 and feature_rows[0]["class"] == "dots"
+    for name in ("transfer_features", "transfer_finetuned"):
+        sidecar = json.loads((transfer_run / "models" / f"{name}.json").read_text())
+        assert sidecar["weights"] == "hed-bsds500" and sidecar["class_names"] == sorted(CLASSES)
+        model = keras.models.load_model(transfer_run / "models" / f"{name}.keras")
+        assert model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 3)
+
+
+def test_both_transfer_phases_appear_in_the_training_curves(transfer_run: Path) -> None:
+    phases = _tsv_rows(transfer_run / "dvclive" / "plots" / "metrics" / "phase.tsv")
+
+    assert [(r["step"], r["phase"]) for r in phases] == [("0", "1"), ("1", "1"), ("2", "2")]
+
+
+def test_fine_tuning_changes_only_the_unfrozen_block(transfer_run: Path) -> None:
+    before = keras.models.load_model(transfer_run / "models" / "transfer_features.keras")
+    after = keras.models.load_model(transfer_run / "models" / "transfer_finetuned.keras")
+    base_before, base_after = before.get_layer("vgg16"), after.get_layer("vgg16")
+
+    for layer in base_before.layers:
+        old = layer.get_weights()
+        new = base_after.get_layer(layer.name).get_weights()
+        if layer.name.startswith("block5_conv"):
+            assert any(not np.array_equal(o, n) for o, n in zip(old, new, strict=True)), layer.name
+        else:
+            assert all(np.array_equal(o, n) for o, n in zip(old, new, strict=True)), layer.name
+    assert all(
+        np.array_equal(o, n)
+        for o, n in zip(
+            before.get_layer("vgg16_preprocess").get_weights(),
+            after.get_layer("vgg16_preprocess").get_weights(),
+            strict=True,
+        )
+    )
+
+
+def test_augmented_mode_trains_the_head_through_the_frozen_base(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
+    cfg = tiny_config(
+        transfer={"feature_mode": "augmented", "feature_epochs": 1, "fine_tune_epochs": 0}
+    )
+
+    summary = train_transfer(
+        cfg, split_dir, tmp_path / "models", tmp_path / "features", tmp_path / "dvclive"
+    )
+
+    assert [m.name for m in summary.models] == ["transfer_features", "transfer_finetuned"]
+    assert not (tmp_path / "features").exists()  # no feature cache in augmented mode
+    sidecar = json.loads((tmp_path / "models" / "transfer_features.json").read_text())
+    assert sidecar["feature_mode"] == "augmented" and sidecar["epochs"] == 1
+
+
+def test_missing_weights_file_stops_transfer_before_training(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path, train_per_class=2, val_per_class=1)
+    cfg = tiny_config(transfer={"weights": str(tmp_path / "nope.h5")})
+
+    with pytest.raises(StageError, match=r"train\.transfer\.weights: weights file not found"):
+        train_transfer(
+            cfg, split_dir, tmp_path / "models", tmp_path / "features", tmp_path / "dvclive"
+        )
+    assert not (tmp_path / "models").exists()
