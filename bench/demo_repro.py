@@ -67,7 +67,8 @@ def main() -> int:
     for name, seconds, limit, behaved in rows:
         passed = behaved and seconds < limit
         ok &= passed
-        print(f"{name:32} {seconds:9.2f} {limit:7.0f} {seconds / limit:7.3f}  {'yes' if passed else 'NO'}")
+        verdict = "yes" if passed else "NO"
+        print(f"{name:32} {seconds:9.2f} {limit:7.0f} {seconds / limit:7.3f}  {verdict}")
     print(f"no-op rerun / full run = {noop_s / full_s:.4f}")
     metrics = clone / "reports" / "metrics.json"
     if metrics.exists():

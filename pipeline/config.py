@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -44,26 +45,66 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
 class ClassConfig(_Section):
-    """One class to learn and where its images live on the web."""
+    """One class to learn and where its images live on the web (crawl sources, pipeline/crawl.py).
+
+    Any mix of sources works; at least one is required. URLs may start with "{demo}", the base URL
+    of the bundled demo site when crawl.serve_demo_site is set.
+    """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+    # source `pages`: HTML pages to crawl, following links up to crawl.max_depth hops
     seeds: list[str] = []
+    # source `urls`: a text file of image URLs (one per line) or a CSV with a `url` column
     image_urls: Path | None = None
+    # sources `wikimedia_commons` and `openverse`
+    commons_category: str | None = None
+    commons_search: str | None = None
+    openverse_query: str | None = None
+    # shorthand: search every source in crawl.query_sources for this text
+    query: str | None = None
+    # links followed from seed pages: URL prefixes (default: each seed's folder) or domains
+    follow_prefixes: list[str] = []
+    allowed_domains: list[str] = []
+    max_depth: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_images: Annotated[int, Field(ge=0)] | None = None
+    # licence/attribution recorded when a page or list does not declare one
+    license: str | None = None
+    attribution: str | None = None
 
     @model_validator(mode="after")
     def _has_a_source(self) -> ClassConfig:
-        if not self.seeds and self.image_urls is None:
-            raise ValueError(f"class {self.name!r} needs at least one of seeds or image_urls")
+        sources = (
+            self.seeds,
+            self.image_urls,
+            self.commons_category,
+            self.commons_search,
+            self.openverse_query,
+            self.query,
+        )
+        if not any(sources):
+            raise ValueError(
+                f"class {self.name!r} needs at least one source: seeds, image_urls, "
+                "commons_category, commons_search, openverse_query or query"
+            )
+        for url in self.seeds:
+            if not url.startswith(("http://", "https://", "{demo}")):
+                raise ValueError(f"class {self.name!r}: seed {url!r} must be an http(s) URL")
         return self
 
 
+QuerySource = Literal["wikimedia_commons", "openverse"]
+
+
 class CrawlConfig(_Section):
+    """crawl: sources, politeness, safety and concurrency of pipeline/crawl.py."""
+
     classes: list[ClassConfig]
     serve_demo_site: Path | None = None
     user_agent: Annotated[str, Field(min_length=1)] = "crawl2model/0.1"
     obey_robots_txt: bool = True
+    obey_x_robots_tag: bool = True
     allow_private_addresses: bool = False
-    max_depth: Annotated[int, Field(ge=0)] = 2
+    max_depth: Annotated[int, Field(ge=0, le=20)] = 2
     max_images_per_class: Annotated[int, Field(ge=0)] = 0
     concurrency: Annotated[int, Field(ge=1, le=256)] = 8
     max_per_host: Annotated[int, Field(ge=1, le=64)] = 2
@@ -71,18 +112,80 @@ class CrawlConfig(_Section):
     timeout_s: PositiveFloat = 10.0
     retries: Annotated[int, Field(ge=0, le=20)] = 3
     backoff_s: NonNegativeFloat = 0.5
+    max_retry_after_s: NonNegativeFloat = 600.0
+    max_redirects: Annotated[int, Field(ge=0, le=30)] = 5
     max_bytes: Annotated[int, Field(ge=1)] = 10_000_000
     min_width: Annotated[int, Field(ge=1)] = 16
     min_height: Annotated[int, Field(ge=1)] = 16
-    content_types: list[str] = ["image/jpeg", "image/png", "image/gif", "image/webp"]
+    content_types: Annotated[list[str], Field(min_length=1)] = [
+        "image/jpeg",
+        "image/png",
+        "image/gif",
+        "image/webp",
+    ]
+    query_sources: list[QuerySource] = ["wikimedia_commons", "openverse"]
+    wikimedia_api: str = "https://commons.wikimedia.org/w/api.php"
+    openverse_api: str = "https://api.openverse.org/v1/images/"
+    openverse_license_type: Literal["all", "all-cc", "commercial", "modification"] = "all-cc"
+    api_delay_s: NonNegativeFloat = 1.0
+    api_page_size: Annotated[int, Field(ge=1, le=50)] = 20
+    thumbnail_width: Annotated[int, Field(ge=0)] = 640
+
+    @field_validator("content_types")
+    @classmethod
+    def _image_types(cls, types: list[str]) -> list[str]:
+        bad = [t for t in types if not t.startswith("image/")]
+        if bad:
+            raise ValueError(f"content_types must all be image/* types, got {bad}")
+        return [t.lower() for t in types]
+
+
+QualityFlag = Literal["blurry", "dark", "bright", "low_information", "odd_aspect_ratio", "odd_size"]
 
 
 class CleanConfig(_Section):
+    """clean: validation, normalisation, quality flags, duplicate grouping (pipeline/clean.py)."""
+
+    # validation and normalisation
     min_width: Annotated[int, Field(ge=1)] = 16
     min_height: Annotated[int, Field(ge=1)] = 16
+    max_aspect_ratio: Annotated[float, Field(ge=1)] = 10.0
+    max_image_pixels: Annotated[int, Field(ge=1)] = 50_000_000
     max_side: Annotated[int, Field(ge=8)] = 256
-    near_dup_hash_size: Annotated[int, Field(ge=4, le=32)] = 8
-    near_dup_max_distance: Annotated[int, Field(ge=0)] = 4
+    output_format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
+    # pass 1: perceptual hash
+    near_dup_hash_size: Annotated[int, Field(ge=4, le=32)] = 16
+    near_dup_max_distance: Annotated[int, Field(ge=0)] = 24
+    near_dup_mirrored: bool = True
+    near_duplicates: Literal["drop", "group"] = "drop"
+    # pass 2: embedding neighbours confirmed by ORB + RANSAC
+    second_pass: bool = True
+    second_pass_neighbours: Annotated[int, Field(ge=1, le=100)] = 10
+    second_pass_min_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.0
+    orb_features: Annotated[int, Field(ge=50, le=10_000)] = 500
+    orb_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
+    orb_min_inliers: Annotated[int, Field(ge=4)] = 6
+    orb_min_correlation: Annotated[float, Field(ge=-1, le=1)] = 0.8
+    # label conflicts and quality flags
+    label_conflicts: Literal["drop", "keep_first"] = "drop"
+    drop_flags: list[QualityFlag] = []
+    blurry_below: NonNegativeFloat = 10.0
+    dark_below: Annotated[float, Field(ge=0, le=1)] = 0.15
+    bright_above: Annotated[float, Field(ge=0, le=1)] = 0.95
+    low_information_below: Annotated[float, Field(ge=0, le=8)] = 1.0
+    odd_aspect_ratio_above: Annotated[float, Field(ge=1)] = 2.5
+    odd_size_factor: Annotated[float, Field(gt=1)] = 10.0
+    workers: Annotated[int, Field(ge=0, le=256)] = 0
+
+    @field_validator("near_dup_max_distance")
+    @classmethod
+    def _distance_fits_hash(cls, distance: int, info: ValidationInfo) -> int:
+        # Field-level, so the error names clean.near_dup_max_distance itself.
+        bits = info.data.get("near_dup_hash_size", 8) ** 2
+        if distance >= bits // 2:
+            raise ValueError(f"must be < {bits // 2} (half the {bits}-bit hash)")
+        return distance
 
 
 class SplitConfig(_Section):
@@ -108,44 +211,129 @@ class SplitConfig(_Section):
         return any(v >= 1 for v in (self.train, self.val, self.test))
 
 
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
 class AugmentConfig(_Section):
+    """Training-image augmentation; names follow Keras' ImageDataGenerator (see params.yaml)."""
+
     seed: int = 42
+    mode: Literal["on_the_fly", "offline"] = "on_the_fly"
+    copies: Annotated[int, Field(ge=1, le=100)] = 5
     rotation_range: Annotated[float, Field(ge=0, le=180)] = 15
+    rotation_p: Probability = 1.0
     width_shift_range: Annotated[float, Field(ge=0, lt=1)] = 0.1
     height_shift_range: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    shift_p: Probability = 1.0
     shear_range: Annotated[float, Field(ge=0, lt=90)] = 10
+    shear_p: Probability = 1.0
     zoom_range: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    zoom_p: Probability = 1.0
     horizontal_flip: bool = True
     vertical_flip: bool = False
+    brightness_range: Annotated[float, Field(ge=0, le=1)] = 0.2
+    contrast_range: Annotated[float, Field(ge=0, le=1)] = 0.2
+    brightness_contrast_p: Probability = 0.5
+    crop_scale: Annotated[float, Field(gt=0, le=1)] = 0.8
+    crop_p: Probability = 0.0
+    fill_mode: Literal["nearest", "reflect", "wrap", "constant"] = "nearest"
+    cval: Annotated[int, Field(ge=0, le=255)] = 0
     preview_images: Annotated[int, Field(ge=1, le=64)] = 6
+    preview_variants: Annotated[int, Field(ge=1, le=16)] = 5
 
 
 class BaselineConfig(_Section):
+    """train-baseline: the DLwP ch. 8 small convnet trained from scratch."""
+
     epochs: Annotated[int, Field(ge=1)] = 15
     learning_rate: PositiveFloat = 1e-3
     augment: bool = True
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
 class TransferConfig(_Section):
-    weights: str = "hed-bsds500"
+    """train-transfer: frozen VGG16 base + dense head (phase 1), then fine-tuning (phase 2)."""
+
+    weights: Annotated[str, Field(min_length=1)] = "hed-bsds500"
+    feature_mode: Literal["fast", "augmented"] = "fast"
+    augment: bool = True
     feature_epochs: Annotated[int, Field(ge=1)] = 15
     fine_tune_epochs: Annotated[int, Field(ge=0)] = 5
+    unfreeze: Annotated[str, Field(pattern=r"^(block[1-5]|[1-9]|1[0-3])$")] = "block5"
     learning_rate: PositiveFloat = 1e-3
     fine_tune_lr: PositiveFloat = 1e-5
+    dense_units: Annotated[int, Field(ge=1, le=4096)] = 256
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
 class TrainConfig(_Section):
+    """train: input pipeline and fitting knobs shared by train-baseline and train-transfer."""
+
     seed: int = 42
     image_size: Annotated[int, Field(ge=32, le=512)] = 64
-    batch_size: Annotated[int, Field(ge=1)] = 32
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    patience: Annotated[int, Field(ge=1)] = 5
+    cache: bool = True
+    mixed_precision: bool = False
+    xla: bool = False
+    verbose: Literal[0, 1, 2] = 1
     baseline: BaselineConfig = BaselineConfig()
     transfer: TransferConfig = TransferConfig()
     augment: AugmentConfig = AugmentConfig()
 
 
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+
+
 class EvaluateConfig(_Section):
+    """Which models to score on the test split and how much to show of their mistakes."""
+
+    # Filled from train.image_size; used only for a model whose sidecar json lacks image_size.
     image_size: Annotated[int, Field(ge=32, le=512)] = 64
+    models: Annotated[list[ModelName], Field(min_length=1)] = [
+        "baseline",
+        "transfer_features",
+        "transfer_finetuned",
+    ]
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    top_k: Annotated[int, Field(ge=2, le=20)] = 5
     misclassified_images: Annotated[int, Field(ge=0, le=256)] = 16
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, models: list[str]) -> list[str]:
+        if len(set(models)) != len(models):
+            raise ValueError("model names must be unique")
+        return models
+
+
+_CRON_FIELD = r"[0-9A-Za-z*/,?#LW-]+"
+_CRON_MACRO = r"@(yearly|annually|monthly|weekly|daily|midnight|hourly)"
+_CRON = rf"^({_CRON_MACRO}|{_CRON_FIELD}(\s+{_CRON_FIELD}){{4}})$"
+
+
+class PromotionConfig(_Section):
+    """flow.promote: when a run's model may replace models/best/ (flows/promote.py)."""
+
+    model: ModelName = "transfer_finetuned"
+    metric: Annotated[str, Field(min_length=1)] = "accuracy"
+    higher_is_better: bool = True
+    max_drop: Annotated[float, Field(ge=0)] = 0.0
+
+
+class FlowConfig(_Section):
+    """flow: schedule, retries, crawl fan-out, promotion, run records (flows/pipeline_flow.py)."""
+
+    cron: Annotated[str, Field(pattern=_CRON)] = "0 3 * * 1"
+    timezone: Annotated[str, Field(min_length=1)] = "UTC"
+    deployment_name: ModelName = "crawl2model-scheduled"
+    crawl_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    crawl_retry_backoff_s: NonNegativeFloat = 30.0
+    crawl_host_shards: Annotated[int, Field(ge=1, le=64)] = 1
+    dask_address: str | None = None
+    git_commit: bool = True
+    dvc_push: bool = True
+    promote: PromotionConfig = PromotionConfig()
 
 
 class Params(_Section):
@@ -184,6 +372,7 @@ class StageConfigs(BaseModel):
     augment: AugmentConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    flow: FlowConfig = FlowConfig()
 
 
 def _format_error(err: ValidationError, source: str, prefix: str = "") -> str:
@@ -216,7 +405,8 @@ def parse_params(data: Any, source: str = "params.yaml") -> StageConfigs:
     Raises ParamsError naming ``source`` and each offending dotted key.
     """
     if not isinstance(data, dict):
-        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {kind}")
     params: Params = _build(Params, data, source, "")
     seed = params.seed
     classes = [c.model_dump() for c in params.classes]
@@ -235,6 +425,7 @@ def parse_params(data: Any, source: str = "params.yaml") -> StageConfigs:
             source,
             "evaluate",
         ),
+        flow=_build(FlowConfig, params.flow, source, "flow"),
     )
 
 
