@@ -30,7 +30,7 @@ STAGES = (
 def _crawl(cfg: StageConfigs, args: argparse.Namespace) -> object:
     from pipeline.crawl import crawl
 
-    return crawl(cfg.crawl, paths.RAW, report=paths.CRAWL_REPORT)
+    return crawl(cfg.crawl, paths.RAW, report=paths.CRAWL_REPORT, refresh=args.refresh)
 
 
 def _clean(cfg: StageConfigs, args: argparse.Namespace) -> object:
@@ -54,7 +54,13 @@ def _augment(cfg: StageConfigs, args: argparse.Namespace) -> object:
 def _train_baseline(cfg: StageConfigs, args: argparse.Namespace) -> object:
     from pipeline.train import train_baseline
 
-    return train_baseline(cfg.train, paths.SPLIT, paths.MODELS, live_dir=paths.DVCLIVE / "baseline")
+    return train_baseline(
+        cfg.train,
+        paths.SPLIT,
+        paths.MODELS,
+        live_dir=paths.DVCLIVE / "baseline",
+        augmented_dir=paths.AUGMENTED,
+    )
 
 
 def _train_transfer(cfg: StageConfigs, args: argparse.Namespace) -> object:
@@ -66,6 +72,7 @@ def _train_transfer(cfg: StageConfigs, args: argparse.Namespace) -> object:
         paths.MODELS,
         features_dir=paths.FEATURES,
         live_dir=paths.DVCLIVE / "transfer",
+        augmented_dir=paths.AUGMENTED,
     )
 
 
@@ -112,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=DEFAULT_PARAMS,
             help="parameters file (default: %(default)s)",
         )
+        if stage == "crawl":
+            p.add_argument(
+                "--refresh",
+                action="store_true",
+                help="walk the sources again for new images; already-fetched images are not "
+                "refetched",
+            )
     p = sub.add_parser("check", help="validate params.yaml and exit")
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     p = sub.add_parser(

@@ -104,8 +104,23 @@ def _configure(cfg: TrainConfig) -> None:
     keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision else "float32")
 
 
-def _read_splits(split_dir: Path) -> tuple[SplitRows, SplitRows, list[str]]:
-    train = load_split(split_dir / "train.csv")
+def _train_csv(cfg: TrainConfig, split_dir: Path, augmented_dir: Path | None) -> Path:
+    """The training CSV: the split's, or in ``augment.mode: offline`` the augment stage's
+    (originals plus their written copies). Raises StageError if the offline set is missing."""
+    if cfg.augment.mode != "offline":
+        return split_dir / "train.csv"
+    csv_path = (augmented_dir or Path("data/augmented")) / "train.csv"
+    if not csv_path.is_file():
+        raise StageError(
+            f"{csv_path}: not found; augment.mode is offline, so run the augment stage first"
+        )
+    return csv_path
+
+
+def _read_splits(
+    cfg: TrainConfig, split_dir: Path, augmented_dir: Path | None
+) -> tuple[SplitRows, SplitRows, list[str]]:
+    train = load_split(_train_csv(cfg, split_dir, augmented_dir))
     val = load_split(split_dir / "val.csv")
     class_names = train.class_names
     if len(class_names) < 2:
@@ -114,13 +129,15 @@ def _read_splits(split_dir: Path) -> tuple[SplitRows, SplitRows, list[str]]:
     return train, val, class_names
 
 
-def _fingerprint(cfg: TrainConfig, split_dir: Path, extra: str = "") -> str:
+def _fingerprint(
+    cfg: TrainConfig, split_dir: Path, augmented_dir: Path | None, extra: str = ""
+) -> str:
     """Hash of everything that makes a half-finished run's state reusable."""
     # verbose and cache change how a run looks or uses memory, not what it computes.
     settings = cfg.model_dump(mode="json", exclude={"verbose", "cache"})
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for name in ("train.csv", "val.csv"):
-        digest.update((split_dir / name).read_bytes())
+    for csv_path in (_train_csv(cfg, split_dir, augmented_dir), split_dir / "val.csv"):
+        digest.update(csv_path.read_bytes())
     digest.update(extra.encode())
     return digest.hexdigest()
 
@@ -136,7 +153,9 @@ def _prepare_backup(backup: Path, fingerprint: str) -> bool:
 
 
 def _augment_fn(cfg: TrainConfig, enabled: bool) -> Callable[[tf.Tensor], tf.Tensor] | None:
-    if not enabled:
+    # In offline mode the written copies are the augmentation; augmenting them again on the
+    # fly would stack two rounds of distortion.
+    if not enabled or cfg.augment.mode == "offline":
         return None
     from pipeline.augment import make_tf_augment
 
@@ -362,7 +381,11 @@ def _decode_errors_name_the_split(
 
 @_decode_errors_name_the_split
 def train_baseline(
-    cfg: TrainConfig, split_dir: Path, models_dir: Path, live_dir: Path
+    cfg: TrainConfig,
+    split_dir: Path,
+    models_dir: Path,
+    live_dir: Path,
+    augmented_dir: Path | None = None,
 ) -> TrainSummary:
     """Train the DLwP small convnet from scratch; save ``models/baseline.keras`` (+ .json).
 
@@ -370,9 +393,9 @@ def train_baseline(
     """
     started = time.monotonic()
     _configure(cfg)
-    train_rows, val_rows, class_names = _read_splits(split_dir)
+    train_rows, val_rows, class_names = _read_splits(cfg, split_dir, augmented_dir)
     backup = models_dir / BACKUP_DIR_NAME / "baseline"
-    resuming = _prepare_backup(backup, _fingerprint(cfg, split_dir, "baseline"))
+    resuming = _prepare_backup(backup, _fingerprint(cfg, split_dir, augmented_dir, "baseline"))
     augment = _augment_fn(cfg, cfg.baseline.augment)
     train_ds = make_dataset(
         train_rows,
@@ -493,7 +516,12 @@ def _features_dataset(
 
 @_decode_errors_name_the_split
 def train_transfer(
-    cfg: TrainConfig, split_dir: Path, models_dir: Path, features_dir: Path, live_dir: Path
+    cfg: TrainConfig,
+    split_dir: Path,
+    models_dir: Path,
+    features_dir: Path,
+    live_dir: Path,
+    augmented_dir: Path | None = None,
 ) -> TrainSummary:
     """VGG16 transfer learning; saves ``models/transfer_features.keras`` (phase 1) and
     ``models/transfer_finetuned.keras`` (phase 2), each with a sidecar JSON.
@@ -504,9 +532,9 @@ def train_transfer(
     started = time.monotonic()
     tcfg = cfg.transfer
     _configure(cfg)
-    train_rows, val_rows, class_names = _read_splits(split_dir)
+    train_rows, val_rows, class_names = _read_splits(cfg, split_dir, augmented_dir)
     base = models.build_vgg16_base(cfg.image_size, tcfg.weights)
-    fingerprint = _fingerprint(cfg, split_dir, "transfer")
+    fingerprint = _fingerprint(cfg, split_dir, augmented_dir, "transfer")
     backup = models_dir / BACKUP_DIR_NAME / "transfer"
     resuming = _prepare_backup(backup, fingerprint)
     live = _open_live(live_dir, resume=resuming)
@@ -531,7 +559,7 @@ def train_transfer(
                 "transfer": tcfg.model_copy(update={"feature_epochs": 1, "fine_tune_epochs": 0})
             }
         )
-        feature_fp = _fingerprint(feature_cfg, split_dir, "features")
+        feature_fp = _fingerprint(feature_cfg, split_dir, augmented_dir, "features")
         train_x, train_y = extract_features(
             extractor, train_rows, class_names, cfg, features_dir, "train", feature_fp
         )

@@ -115,6 +115,35 @@ def test_baseline_names_the_split_when_an_image_cannot_be_decoded(tmp_path: Path
         train_baseline(tiny_config(), split_dir, tmp_path / "models", tmp_path / "dvclive")
 
 
+def test_offline_augment_mode_trains_on_the_written_copies(tmp_path: Path) -> None:
+    from pipeline.augment import augment
+
+    split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
+    cfg = tiny_config(baseline={"epochs": 1}, augment={"mode": "offline", "copies": 2})
+    augmented = tmp_path / "data" / "augmented"
+    augment(cfg.augment, split_dir, augmented, tmp_path / "preview.png")
+
+    summary = train_baseline(
+        cfg, split_dir, tmp_path / "models", tmp_path / "dvclive", augmented_dir=augmented
+    )
+
+    assert summary.train_images == 12 * (1 + 2)  # 12 originals, each with 2 written copies
+    assert summary.val_images == 12
+
+
+def test_offline_augment_mode_without_the_augment_stage_names_the_missing_csv(
+    tmp_path: Path,
+) -> None:
+    split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
+    cfg = tiny_config(augment={"mode": "offline"})
+    augmented = tmp_path / "data" / "augmented"
+
+    with pytest.raises(StageError, match=r"augmented/train\.csv: not found; augment\.mode"):
+        train_baseline(
+            cfg, split_dir, tmp_path / "models", tmp_path / "dvclive", augmented_dir=augmented
+        )
+
+
 def test_killed_baseline_run_resumes_from_its_last_finished_epoch(tmp_path: Path) -> None:
     split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
     cfg = tiny_config(patience=100, baseline={"epochs": 10, "augment": False})
