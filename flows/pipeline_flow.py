@@ -105,21 +105,28 @@ def transient_only(task: Any, task_run: Any, state: State) -> bool:
 
 
 @task(name="crawl-discover", retry_condition_fn=transient_only, **NO_RESULT_CACHE)
-def discover_class(root: str, class_name: str) -> int:
-    """Find one class's candidate images (pages, URL lists, APIs); returns how many."""
+def discover_class(root: str, class_name: str, refresh: bool = False) -> int:
+    """Find one class's candidate images (pages, URL lists, APIs); returns how many.
+
+    ``refresh`` walks the sources again for images added since the last crawl."""
     from pipeline.crawl import discover
 
     with _in_project(Path(root)):
         cfg = load_params(DEFAULT_PARAMS).crawl
-        found = discover(cfg, paths.RAW, classes=[class_name], progress=False)
+        found = discover(cfg, paths.RAW, classes=[class_name], progress=False, refresh=refresh)
     count = found[class_name]
     get_run_logger().info(f"crawl-discover {class_name}: {count} candidate images")
     return count
 
 
 @task(name="crawl-shard", retry_condition_fn=transient_only, **NO_RESULT_CACHE)
-def crawl_shard(root: str, class_name: str, host_shard: tuple[int, int] | None) -> str:
-    """Download one class's (host shard's) images into data/raw; returns the shard's summary."""
+def crawl_shard(
+    root: str, class_name: str, host_shard: tuple[int, int] | None, refresh: bool = False
+) -> str:
+    """Download one class's (host shard's) images into data/raw; returns the shard's summary.
+
+    ``refresh`` (only without host shards: there ``discover_class`` walks) looks for new images.
+    """
     from pipeline.crawl import crawl
 
     with _in_project(Path(root)):
@@ -131,6 +138,7 @@ def crawl_shard(root: str, class_name: str, host_shard: tuple[int, int] | None) 
             classes=[class_name],
             host_shard=host_shard,
             progress=False,
+            refresh=refresh,
         )
     label = class_name
     if host_shard is not None:
@@ -258,7 +266,10 @@ def _crawl(root: Path, cfg: StageConfigs, force: bool, summary: FlowSummary) -> 
     shards = cfg.flow.crawl_host_shards
     if shards > 1:
         # Every host shard of a class needs the class's candidate list first.
-        discovered = discover_class.with_options(**retry).map(unmapped(str(root)), names)
+        # A forced (scheduled) crawl walks the sources again for images added since last time.
+        discovered = discover_class.with_options(**retry).map(
+            unmapped(str(root)), names, refresh=unmapped(force)
+        )
         wait(list(discovered))
         for future in discovered:
             future.result()
@@ -266,7 +277,10 @@ def _crawl(root: Path, cfg: StageConfigs, force: bool, summary: FlowSummary) -> 
     else:
         jobs = [(name, None) for name in names]
     futures = crawl_shard.with_options(**retry).map(
-        unmapped(str(root)), [name for name, _ in jobs], [shard for _, shard in jobs]
+        unmapped(str(root)),
+        [name for name, _ in jobs],
+        [shard for _, shard in jobs],
+        refresh=unmapped(force and shards <= 1),  # with shards, discover_class walked
     )
     wait(list(futures))
     for future in futures:

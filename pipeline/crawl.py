@@ -13,6 +13,14 @@ the bundled demo site, served on 127.0.0.1 while the stage runs). Produces:
   finished crawl does no network I/O at all. Failed fetches are final too (with their reason);
   delete ``.state/fetch-*.jsonl`` to try them again.
 
+``refresh=True`` (``python -m pipeline crawl --refresh``; scheduled flow runs) walks the sources
+again: seed pages and API listings are fetched anew (robots.txt and host spacing as usual), URLs
+not seen before are appended to the class's candidate list, and only those are fetched; images
+already fetched are kept, not fetched again, and failures stay recorded. Appending, rather than
+re-sorting, means a class at its ``max_images`` cap keeps the images it has and new ones only
+fill free places. A refresh killed midway resumes its walk (for 24 hours) when run again with
+``refresh``; a plain rerun meanwhile keeps using the last finished list.
+
 A crawl runs in two phases. *Discovery* turns each class's sources into an ordered candidate list:
 ``pages`` (seed HTML pages and links followed level by level to ``max_depth``), ``urls`` (a text
 or CSV file of image URLs), ``wikimedia_commons`` and ``openverse`` (their public search APIs).
@@ -127,6 +135,7 @@ class CrawlSummary:
     requests: int
     elapsed_s: float
     complete: bool = True
+    new_candidates: int | None = None  # set by a refresh: URLs its walk found that were not known
 
     def __str__(self) -> str:
         per_class = ", ".join(f"{name} {n}" for name, n in self.saved.items())
@@ -136,6 +145,8 @@ class CrawlSummary:
             f"{sum(self.failed.values())} candidates failed ({failures or 'none'}); "
             f"{self.requests} HTTP requests this run"
         )
+        if self.new_candidates is not None:
+            text += f"; refresh found {self.new_candidates} new candidate URLs"
         empty = [name for name, n in self.saved.items() if n == 0]
         if empty:
             text += f"; NO IMAGES for {', '.join(empty)} (see the report's failure counts)"
@@ -984,6 +995,7 @@ class State:
 
     pages-<shard>.jsonl      one row per HTML page or API page fetched (or failed)
     candidates/<class>.json  the class's ordered candidate list once discovery finished
+    walks/<class>.json       the class's unfinished refresh walk, if any (resumed on rerun)
     fetch-<shard>.jsonl      one row per image fetch outcome (saved or failed, with reason)
     """
 
@@ -994,7 +1006,10 @@ class State:
         self.fetches: dict[tuple[str, str], dict[str, Any]] = {}
         for log in sorted(self.dir.glob("pages-*.jsonl")):
             for row in read_jsonl(log):
-                self.pages.setdefault(row["key"], row)
+                # a page walked again by a refresh has several rows: the newest one counts
+                known = self.pages.get(row["key"])
+                if known is None or row.get("time", 0.0) >= known.get("time", 0.0):
+                    self.pages[row["key"]] = row
         for log in sorted(self.dir.glob("fetch-*.jsonl")):
             for row in read_jsonl(log):
                 key = (row["class"], row["url"])
@@ -1005,6 +1020,7 @@ class State:
         self._fetch_log = StateLog(self.dir / f"fetch-{shard_id}.jsonl")
 
     def record_page(self, row: dict[str, Any]) -> None:
+        row["time"] = time.time()
         self.pages[row["key"]] = row
         self._page_log.append(row)
 
@@ -1034,6 +1050,27 @@ class State:
             {"fingerprint": fingerprint, "candidates": [c.to_row() for c in found]},
         )
 
+    def walk_path(self, class_name: str) -> Path:
+        return self.dir / "walks" / f"{class_name}.json"
+
+    def begin_walk(self, class_name: str, fingerprint: str, new_walk: str) -> str:
+        """Return the id of the class's refresh walk: an unfinished one (same params, younger
+        than a day) is resumed, so its pages are not fetched again; else ``new_walk`` starts."""
+        path = self.walk_path(class_name)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data["fingerprint"] == fingerprint and time.time() - data["started"] < ROBOTS_TTL_S:
+                return str(data["walk"])
+        atomic_write_json(
+            path, {"walk": new_walk, "fingerprint": fingerprint, "started": time.time()}
+        )
+        return new_walk
+
+    def end_walk(self, class_name: str) -> None:
+        # removed before the new list is saved: a kill in between costs a repeated walk, never
+        # a refresh that silently resumes an already finished walk and so finds nothing
+        self.walk_path(class_name).unlink(missing_ok=True)
+
 
 def forget_state_if_demo_changed(cfg: CrawlConfig, out: Path) -> None:
     """Drop the crawl state when the bundled demo site's files changed since it was recorded.
@@ -1052,8 +1089,9 @@ def forget_state_if_demo_changed(cfg: CrawlConfig, out: Path) -> None:
     if marker.exists() and marker.read_text().strip() != digest.hexdigest():
         for log in (out / ".state").glob("*.jsonl"):
             log.unlink()
-        for listing in (out / ".state" / "candidates").glob("*.json"):
-            listing.unlink()
+        for folder in ("candidates", "walks"):
+            for listing in (out / ".state" / folder).glob("*.json"):
+                listing.unlink()
     atomic_write_bytes(marker, digest.hexdigest().encode() + b"\n")
 
 
@@ -1135,6 +1173,22 @@ class Discovery:
         api_hosts = {urlsplit(cfg.wikimedia_api).netloc, urlsplit(cfg.openverse_api).netloc}
         self.scheduler = Scheduler(cfg, http, api_hosts)
         self.scheduler.handlers = {"page": self._fetch_page, "api": self._fetch_api}
+        # refresh: pages and API answers count only if recorded by these walks (None: any)
+        self.walks: set[str] | None = None
+        self.walk = ""
+        self.added: dict[str, int] = {}  # per class: candidates a refresh appended
+
+    def _known(self, key: str) -> dict[str, Any] | None:
+        """The recorded answer for a page or API URL that this run may reuse, if any."""
+        row = self.state.pages.get(key)
+        if row is not None and self.walks is not None and row.get("walk") not in self.walks:
+            return None
+        return row
+
+    def _record_page(self, row: dict[str, Any]) -> None:
+        if self.walk:
+            row["walk"] = self.walk
+        self.state.record_page(row)
 
     # worker-thread handlers ---------------------------------------------------------------
 
@@ -1170,18 +1224,30 @@ class Discovery:
 
     # main thread ----------------------------------------------------------------------------
 
-    def run(self, classes: list[ClassConfig]) -> dict[str, list[Candidate]]:
-        """Return each class's candidates, reusing the state's finished lists and pages."""
+    def run(self, classes: list[ClassConfig], refresh: bool = False) -> dict[str, list[Candidate]]:
+        """Return each class's candidates, reusing the state's finished lists and pages.
+
+        With ``refresh`` every class's sources are walked again (pages and API answers recorded
+        by earlier walks are not reused) and URLs not in its finished list are appended to it.
+        """
         found: dict[str, list[Candidate]] = {}
+        previous: dict[str, list[Candidate]] = {}
         todo = []
         for klass in classes:
             cached = self.state.load_candidates(klass.name, class_fingerprint(self.cfg, klass))
-            if cached is not None:
+            if cached is not None and not refresh:
                 found[klass.name] = cached
             else:
                 todo.append(klass)
+                previous[klass.name] = cached or []
         if not todo:
             return found
+        if refresh:
+            self.walk = os.urandom(8).hex()
+            self.walks = {
+                self.state.begin_walk(k.name, class_fingerprint(self.cfg, k), self.walk)
+                for k in todo
+            }
         bar = tqdm(desc="crawl: discover", unit="page", disable=not self.progress, leave=False)
         best: dict[str, dict[str, Candidate]] = {k.name: {} for k in todo}
 
@@ -1197,6 +1263,15 @@ class Discovery:
         bar.close()
         for klass in todo:
             ordered = sorted(best[klass.name].values(), key=lambda c: c.order)
+            if refresh:
+                # appended after the known ones, whatever their place on the page: selection
+                # takes the first `cap` images in list order, so kept images stay selected
+                old = previous[klass.name]
+                known = {c.url for c in old}
+                new = [c for c in ordered if c.url not in known]
+                self.added[klass.name] = len(new)
+                ordered = old + new
+                self.state.end_walk(klass.name)
             self.state.save_candidates(klass.name, class_fingerprint(self.cfg, klass), ordered)
             found[klass.name] = ordered
         return found
@@ -1264,8 +1339,9 @@ class Discovery:
             )
             url = base + ("&" if "?" in base else "?") + urlencode(sorted(request.params.items()))
             key = self.urls.stored(url)
-            if key in self.state.pages:
-                handle(request, self.state.pages[key])
+            known = self._known(key)
+            if known is not None:
+                handle(request, known)
             else:
                 self.scheduler.add(Job("api", self.urls.live(url), (request, key)))
 
@@ -1318,7 +1394,7 @@ class Discovery:
                 "status": outcome.status,
                 "payload": outcome.result,
             }
-            self.state.record_page(row)
+            self._record_page(row)
             handle(request, row)
 
         for request in requests_:
@@ -1348,7 +1424,7 @@ class Discovery:
             wanted = {url for pages in level.values() for url in pages}
             if not wanted:
                 break
-            missing = sorted(url for url in wanted if url not in self.state.pages)
+            missing = sorted(url for url in wanted if self._known(url) is None)
             for url in missing:
                 self.scheduler.add(Job("page", self.urls.live(url), url))
 
@@ -1360,7 +1436,7 @@ class Discovery:
                     "status": outcome.status,
                     "items": outcome.result or [],
                 }
-                self.state.record_page(row)
+                self._record_page(row)
                 bar.update(1)
 
             self.scheduler.run(on_done)
@@ -1659,9 +1735,12 @@ def discover(
     out: Path = paths.RAW,
     classes: Iterable[str] | None = None,
     progress: bool = True,
+    refresh: bool = False,
 ) -> dict[str, int]:
     """Run phase 1 only (for a fan-out flow: one task per class before the host shards).
 
+    With ``refresh`` the sources are walked again and new URLs appended (see the module
+    docstring); the host shards then fetch them with ``crawl(..., host_shard=...)``.
     Returns the number of candidates per class; the lists are kept in ``<out>/.state``.
     Raises StageError for bad sources (missing URL list, {demo} without a demo site).
     """
@@ -1670,7 +1749,7 @@ def discover(
     forget_state_if_demo_changed(cfg, Path(out))
     state = State(Path(out), shard_id)
     with _url_map(cfg) as urls, contextlib.closing(state):
-        found = Discovery(cfg, state, urls, Http(cfg), progress).run(chosen)
+        found = Discovery(cfg, state, urls, Http(cfg), progress).run(chosen, refresh)
     return {name: len(found[name]) for name in found}
 
 
@@ -1682,13 +1761,15 @@ def crawl(
     classes: Iterable[str] | None = None,
     host_shard: tuple[int, int] | None = None,
     progress: bool = True,
+    refresh: bool = False,
 ) -> CrawlSummary:
     """Crawl images for every class into ``out``; write the manifest and ``report``.
 
     With ``classes`` (a subset of names) and/or ``host_shard=(index, count)`` it crawls only that
     part, writing its own state files, and leaves the manifest to ``merge_shards``; shards of one
     crawl may run at the same time in different processes. Reruns resume: nothing recorded as
-    done is fetched again.
+    done is fetched again. ``refresh`` walks the sources again for new images (module
+    docstring); with host shards, call ``discover(..., refresh=True)`` once instead.
 
     Returns a CrawlSummary. Raises StageError naming the params key, file or URL for bad input.
     """
@@ -1700,6 +1781,12 @@ def crawl(
         index, count = host_shard
         if not 0 <= index < count:
             raise StageError(f"host_shard: index must be in 0..{count - 1}, got {index}")
+        if refresh:
+            # every shard would walk the class's sources again, each appending to one list
+            raise StageError(
+                "refresh: not with host_shard; run discover(..., refresh=True) once per class, "
+                "then the host shards without refresh"
+            )
     shard_id = "all"
     if partial:
         shard_id = "-".join(k.name for k in chosen) if classes is not None else "all"
@@ -1714,7 +1801,7 @@ def crawl(
 
     with _url_map(cfg) as urls, contextlib.closing(state):
         discovery = Discovery(cfg, state, urls, http, progress)
-        candidates = discovery.run(chosen)
+        candidates = discovery.run(chosen, refresh)
         caps = {k.name: class_cap(cfg, k) for k in chosen}
         Fetcher(cfg, state, urls, http, out, progress).run(candidates, caps, mine)
     pages = sum(1 for row in state.pages.values() if row["ok"])
@@ -1733,6 +1820,7 @@ def crawl(
             requests=http.requests,
             elapsed_s=time.monotonic() - started,
             complete=False,
+            new_candidates=sum(discovery.added.values()) if refresh else None,
         )
     summary = _finish(cfg, out, report, candidates, state)
     return CrawlSummary(
@@ -1741,6 +1829,7 @@ def crawl(
         pages=pages,
         requests=http.requests,
         elapsed_s=time.monotonic() - started,
+        new_candidates=sum(discovery.added.values()) if refresh else None,
     )
 
 

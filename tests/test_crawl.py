@@ -666,3 +666,138 @@ def test_missing_demo_site_names_the_params_key(tmp_path: Path) -> None:
     )
     with pytest.raises(StageError, match=r"crawl\.serve_demo_site"):
         run(cfg, tmp_path)
+
+
+# --- refresh: walk the sources again for new images ---------------------------------------
+
+
+def _image_hits(server: LocalServer) -> dict[str, int]:
+    return {path: n for path, n in server.counts.items() if path.endswith(".png")}
+
+
+def _gallery_page(server: LocalServer, names: list[str]) -> None:
+    server.add("/g/index.html", html_page("".join(f'<img src="{n}">' for n in names)))
+
+
+def test_refresh_fetches_only_images_added_since_the_last_crawl(tmp_path: Path) -> None:
+    with LocalServer() as server:
+        for i in range(5):
+            server.add(f"/g/{i}.png", png_bytes(seed=i))
+        _gallery_page(server, ["0.png", "1.png", "gone.png"])  # gone.png answers 404
+        cfg = config([{"name": "c", "seeds": [f"{server.url}/g/index.html"]}])
+        run(cfg, tmp_path)
+        _gallery_page(server, ["3.png", "0.png", "1.png", "gone.png", "4.png"])
+        before = _image_hits(server)
+
+        run(cfg, tmp_path)  # a plain rerun does not look again
+        assert _image_hits(server) == before and server.hits("/g/index.html") == 1
+
+        rows, report = run(cfg, tmp_path, refresh=True)
+
+        assert server.hits("/g/index.html") == 2
+        assert _image_hits(server) == {**before, "/g/3.png": 1, "/g/4.png": 1}
+        assert sorted(r["url"][-5:] for r in rows) == ["0.png", "1.png", "3.png", "4.png"]
+        assert failures(report) == {"http_404": 1}
+
+
+def test_refresh_at_the_cap_keeps_old_images_and_fills_free_places(tmp_path: Path) -> None:
+    with LocalServer() as server:
+        for i in range(6):
+            server.add(f"/g/{i}.png", png_bytes(seed=i))
+        _gallery_page(server, ["0.png", "1.png", "2.png"])
+        cfg = config(
+            [{"name": "c", "seeds": [f"{server.url}/g/index.html"]}], max_images_per_class=4
+        )
+        first, _ = run(cfg, tmp_path)
+        # new images listed before the old ones must not push those out of the data set
+        _gallery_page(server, ["5.png", "4.png", "3.png", "0.png", "1.png", "2.png"])
+
+        rows, report = run(cfg, tmp_path, refresh=True)
+
+        assert {r["sha256"] for r in first} < {r["sha256"] for r in rows}
+        assert sorted(r["url"][-5:] for r in rows) == ["0.png", "1.png", "2.png", "5.png"]
+        assert server.hits("/g/4.png") == server.hits("/g/3.png") == 0
+        assert all(server.hits(f"/g/{i}.png") == 1 for i in (0, 1, 2, 5))
+        assert (report["classes"]["c"]["candidates"], report["classes"]["c"]["not_needed"]) == (
+            6,
+            2,
+        )
+
+
+def test_refresh_through_discover_then_host_shards_merges_old_and_new(tmp_path: Path) -> None:
+    with LocalServer() as first, LocalServer(host="127.0.0.2") as second:
+        for i in range(4):
+            (first if i % 2 else second).add(f"/g/{i}.png", png_bytes(seed=i))
+        page = "".join(f'<img src="{s.url}/g/{i}.png">' for i, s in ((0, second), (1, first)))
+        first.add("/g/index.html", html_page(page))
+        cfg = config([{"name": "c", "seeds": [f"{first.url}/g/index.html"]}])
+        out, report = tmp_path / "raw", tmp_path / "report.json"
+        crawl(cfg, out, report, progress=False)
+        page += "".join(f'<img src="{s.url}/g/{i}.png">' for i, s in ((2, second), (3, first)))
+        first.add("/g/index.html", html_page(page))
+
+        discover(cfg, out, classes=["c"], progress=False, refresh=True)
+        for index in range(2):
+            crawl(cfg, out, report, host_shard=(index, 2), progress=False)
+        merge_shards(cfg, out, report)
+
+        rows = read_jsonl(out / "manifest.jsonl")
+        assert sorted(r["url"][-5:] for r in rows) == ["0.png", "1.png", "2.png", "3.png"]
+        assert [first.hits(f"/g/{i}.png") + second.hits(f"/g/{i}.png") for i in range(4)] == [1] * 4
+        assert first.hits("/g/index.html") == 2
+
+
+def test_refresh_in_a_host_shard_is_refused(tmp_path: Path) -> None:
+    cfg = config([{"name": "c", "seeds": ["http://127.0.0.1:9/x.html"]}])
+    with pytest.raises(StageError, match="refresh: not with host_shard"):
+        crawl(cfg, tmp_path / "raw", tmp_path / "r.json", host_shard=(0, 2), refresh=True)
+
+
+def test_killed_refresh_resumes_its_walk_without_refetching_pages(tmp_path: Path) -> None:
+    with LocalServer() as server:
+        pages = 12
+        links = "".join(f'<a href="p{i}.html">{i}</a>' for i in range(pages))
+        server.add("/s/index.html", html_page(links))
+        for i in range(pages):
+            server.add(f"/s/p{i}.html", html_page(f'<img src="{i}.png">'))
+            server.add(f"/s/{i}.png", png_bytes(seed=i))
+        cfg = config(
+            [{"name": "c", "seeds": [f"{server.url}/s/index.html"]}],
+            concurrency=1,
+            max_per_host=1,
+        )
+        out, report = tmp_path / "raw", tmp_path / "report.json"
+        crawl(cfg, out, report, progress=False)
+        for i in range(pages):  # the pages now answer slowly, so the refresh can be stopped
+            body = html_page(f'<img src="{i}.png"><img src="new{i}.png">')
+            server.add(f"/s/p{i}.html", Reply(200, body, delay_s=0.05))
+            server.add(f"/s/new{i}.png", png_bytes(seed=100 + i))
+        script = (
+            "import sys; from pathlib import Path; from pipeline.config import CrawlConfig;"
+            "from pipeline.crawl import crawl;"
+            "crawl(CrawlConfig.model_validate_json(sys.argv[1]), Path(sys.argv[2]),"
+            " Path(sys.argv[3]), progress=False, refresh=True)"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, cfg.model_dump_json(), str(out), str(report)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+        def walked() -> int:  # subpage requests since the first crawl
+            return sum(server.hits(f"/s/p{i}.html") - 1 for i in range(pages))
+
+        deadline = time.monotonic() + 60
+        while walked() < 4 and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        done = walked()
+        assert 0 < done < pages
+
+        crawl(cfg, out, report, progress=False, refresh=True)
+
+        assert walked() <= pages + 1  # the page in flight at the kill may be asked twice
+        assert server.hits("/s/index.html") == 2
+        rows = read_jsonl(out / "manifest.jsonl")
+        assert len(rows) == 2 * pages
