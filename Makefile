@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo install test lint clean-demo
+.PHONY: demo install test lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +20,11 @@ install: $(BIN)/python
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
-	PATH="$(abspath $(BIN)):$$PATH" dvc metrics show
+	@sed -n '/^## Models compared/,/^Best accuracy/p' reports/model_card.md
+	@echo "More: dvc metrics show | dvc plots show | reports/model_card.md"
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check pipeline flows tests bench demo/build_site.py
-
-# Remove the demo's outputs (DVC keeps them in .dvc/cache; `dvc checkout` brings them back).
-clean-demo:
-	rm -rf data models dvclive reports
