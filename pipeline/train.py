@@ -162,6 +162,26 @@ def _augment_fn(cfg: TrainConfig, enabled: bool) -> Callable[[tf.Tensor], tf.Ten
     return make_tf_augment(cfg.augment, cfg.image_size)
 
 
+def _train_dataset(
+    cfg: TrainConfig,
+    rows: SplitRows,
+    class_names: list[str],
+    augment: Callable[[tf.Tensor], tf.Tensor] | None,
+    seed: int,
+) -> tf.data.Dataset:
+    """The shuffled (and optionally augmented) training batches every phase fits on."""
+    return make_dataset(
+        rows,
+        class_names,
+        cfg.image_size,
+        cfg.batch_size,
+        shuffle=True,
+        seed=seed,
+        augment=augment,
+        cache=cfg.cache,
+    )
+
+
 def _open_live(live_dir: Path, resume: bool) -> Live:
     # dvcyaml=False / save_dvc_exp=False: our dvc.yaml declares these outputs; DVCLive must
     # neither rewrite it nor create experiments of its own inside `dvc repro`.
@@ -397,16 +417,7 @@ def train_baseline(
     backup = models_dir / BACKUP_DIR_NAME / "baseline"
     resuming = _prepare_backup(backup, _fingerprint(cfg, split_dir, augmented_dir, "baseline"))
     augment = _augment_fn(cfg, cfg.baseline.augment)
-    train_ds = make_dataset(
-        train_rows,
-        class_names,
-        cfg.image_size,
-        cfg.batch_size,
-        shuffle=True,
-        seed=cfg.seed,
-        augment=augment,
-        cache=cfg.cache,
-    )
+    train_ds = _train_dataset(cfg, train_rows, class_names, augment, cfg.seed)
     val_ds = make_dataset(val_rows, class_names, cfg.image_size, cfg.batch_size, cache=cfg.cache)
 
     model = models.build_baseline(cfg.image_size, len(class_names), cfg.baseline.dropout)
@@ -610,16 +621,7 @@ def train_transfer(
         )
         full = models.build_transfer(cfg.image_size, base, head)
         _compile(full, tcfg.learning_rate, cfg)
-        train_images = make_dataset(
-            train_rows,
-            class_names,
-            cfg.image_size,
-            cfg.batch_size,
-            shuffle=True,
-            seed=cfg.seed,
-            augment=augment,
-            cache=cfg.cache,
-        )
+        train_images = _train_dataset(cfg, train_rows, class_names, augment, cfg.seed)
         phase1 = _fit_phase(
             full,
             train_images,
@@ -655,16 +657,7 @@ def train_transfer(
     phase2 = phase1
     if tcfg.fine_tune_epochs > 0:
         _compile(model, tcfg.fine_tune_lr, cfg)
-        train_images = make_dataset(
-            train_rows,
-            class_names,
-            cfg.image_size,
-            cfg.batch_size,
-            shuffle=True,
-            seed=cfg.seed + 1,
-            augment=augment,
-            cache=cfg.cache,
-        )
+        train_images = _train_dataset(cfg, train_rows, class_names, augment, cfg.seed + 1)
         phase2 = _fit_phase(
             model,
             train_images,
