@@ -25,6 +25,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
+from tinymodels import tiny_convnet
 
 from pipeline.config import EvaluateConfig, StageError
 from pipeline.evaluate import compute_metrics, evaluate
@@ -71,15 +72,7 @@ def train_tiny_models(models_dir: Path, names: list[str], data_dir: Path) -> Non
     x = load_images(rows.paths, IMAGE_SIZE)
     y = np.array([CLASSES.index(label) for label in rows.labels])
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)),
-            keras.layers.Rescaling(1 / 255),
-            keras.layers.Conv2D(4, 3, activation="relu"),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(len(CLASSES), activation="softmax"),
-        ]
-    )
+    model = tiny_convnet(IMAGE_SIZE, len(CLASSES))
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
     models_dir.mkdir(parents=True, exist_ok=True)
     for name in names:

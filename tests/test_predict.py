@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 from PIL import Image
+from tinymodels import tiny_convnet
 
 from pipeline.__main__ import main
 from pipeline.config import EvaluateConfig
@@ -24,15 +25,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """models/baseline.keras + baseline.json: a tiny untrained 2-class convnet (seeded)."""
     models = tmp_path_factory.mktemp("models")
     keras.utils.set_random_seed(1)
-    model = keras.Sequential(
-        [
-            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)),
-            keras.layers.Rescaling(1 / 255),
-            keras.layers.Conv2D(4, 3, activation="relu"),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(len(CLASSES), activation="softmax"),
-        ]
-    )
+    model = tiny_convnet(IMAGE_SIZE, len(CLASSES))
     model.save(models / "baseline.keras")
     sidecar = {"class_names": CLASSES, "image_size": IMAGE_SIZE, "model": "baseline"}
     (models / "baseline.json").write_text(json.dumps(sidecar))
