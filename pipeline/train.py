@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 from dvclive import Live
 
-from pipeline import models
+from pipeline import models, paths
 from pipeline.config import StageError, TrainConfig
 from pipeline.dataset import SplitRows, label_indices, load_split, make_dataset
 from pipeline.files import atomic_path, atomic_write_json, write_csv
@@ -109,7 +109,7 @@ def _train_csv(cfg: TrainConfig, split_dir: Path, augmented_dir: Path | None) ->
     (originals plus their written copies). Raises StageError if the offline set is missing."""
     if cfg.augment.mode != "offline":
         return split_dir / "train.csv"
-    csv_path = (augmented_dir or Path("data/augmented")) / "train.csv"
+    csv_path = (augmented_dir or paths.AUGMENTED) / "train.csv"
     if not csv_path.is_file():
         raise StageError(
             f"{csv_path}: not found; augment.mode is offline, so run the augment stage first"
