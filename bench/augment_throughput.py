@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.augment import make_tf_augment
-from pipeline.config import AugmentConfig
+from pipeline.config import AugmentConfig, TransformsConfig
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -65,8 +65,7 @@ def keras_layers_augment(seed: int) -> Callable[[tf.Tensor], tf.Tensor]:
 
 
 def albumentations_augment(seed: int, image_size: int) -> Callable[[tf.Tensor], tf.Tensor]:
-    cfg = AugmentConfig(
-        seed=seed,
+    transforms = TransformsConfig(
         rotation_range=15,
         width_shift_range=0.1,
         height_shift_range=0.1,
@@ -77,7 +76,7 @@ def albumentations_augment(seed: int, image_size: int) -> Callable[[tf.Tensor], 
         crop_p=0,
         fill_mode="nearest",
     )
-    return make_tf_augment(cfg, image_size)
+    return make_tf_augment(AugmentConfig(seed=seed, transforms=transforms), image_size)
 
 
 def images_per_second(

@@ -3,27 +3,29 @@
 Consumes ``data/split/train.csv`` (path, class, group; paths relative to the CSV's folder) and the
 ``augment`` section of params.yaml. Produces:
 
-- ``reports/augment_preview.png``: each of ``preview_images`` training images beside
-  ``preview_variants`` augmentations of it (a DVC plot).
+- ``reports/augment_preview.png``: each of ``preview.images`` training images beside
+  ``preview.variants`` augmentations of it (a DVC plot).
 - ``data/augmented/``: in ``mode: offline``, ``copies`` augmented PNGs per training image in
   ``images/<class>/<source stem>_<k>.png``, listed in ``manifest.csv`` (path, class, group,
   source, copy; paths relative to data/augmented)
   and, for training, ``train.csv`` (the originals plus the copies, split-CSV columns, paths
-  relative to ``data/augmented``). In ``mode: on_the_fly`` (the default) only an empty manifest,
-  because the trainers augment each batch as it is read (:func:`make_tf_augment`), so every epoch
-  sees new variants. Validation and test images are never read here.
+  relative to ``data/augmented``), with ``params.json`` recording what the copies were made
+  with (``pipeline.resume``: other params wipe them). In ``mode: on_the_fly`` (the default)
+  only an empty manifest, because the trainers augment each batch as it is read
+  (:func:`make_tf_augment`), so every epoch sees new variants. Validation and test images are
+  never read here.
 
 The trainers use :func:`make_tf_augment` inside tf.data; :func:`build_transform` is the same
 albumentations pipeline for one image. Both are deterministic given ``cfg.seed``: each batch's
 random draws are seeded from (seed, the batch's pixels, how many times this augmenter has seen
-it), so results do not depend on thread scheduling in a parallel ``ds.map``.
+it), so results do not depend on thread scheduling in a parallel ``ds.map``. The stateful
+albumentations pipelines are cached per thread, never shared between threads.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -39,8 +41,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.config import AugmentConfig, StageError
-from pipeline.files import atomic_path, atomic_write_json, read_csv, write_csv
+from pipeline.config import AugmentConfig, StageError, TransformsConfig
+from pipeline.files import atomic_path, read_csv, write_csv
+from pipeline.resume import fingerprint, reuse_or_wipe
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -57,7 +60,7 @@ MANIFEST_FIELDS = ["path", "class", "group", "source", "copy"]
 SPLIT_FIELDS = ["path", "class", "group"]
 
 
-def _transforms(cfg: AugmentConfig, height: int, width: int) -> list[A.BasicTransform]:
+def _transforms(cfg: TransformsConfig, height: int, width: int) -> list[A.BasicTransform]:
     """The albumentations steps for images of ``height`` × ``width``, in application order."""
     border = {"border_mode": FILL_MODES[cfg.fill_mode], "fill": cfg.cval}
     steps: list[A.BasicTransform] = []
@@ -105,7 +108,7 @@ def _transforms(cfg: AugmentConfig, height: int, width: int) -> list[A.BasicTran
 
 
 def _compose(cfg: AugmentConfig, height: int, width: int) -> A.Compose:
-    compose = A.Compose(_transforms(cfg, height, width), seed=cfg.seed)
+    compose = A.Compose(_transforms(cfg.transforms, height, width), seed=cfg.seed)
     # Compose(seed=) gives every step its own generator started from the same seed, so the steps'
     # draws (apply or not, angle, shift...) would be correlated; one shared stream avoids that.
     compose.set_random_state(np.random.default_rng(cfg.seed), random.Random(cfg.seed))
@@ -133,8 +136,27 @@ def _reseed(compose: A.Compose, seed: int) -> None:
     compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
+_per_thread = threading.local()
+
+
+def _seeded_compose(cfg: AugmentConfig, height: int, width: int, seed: int) -> A.Compose:
+    """This thread's pipeline for ``height`` × ``width`` images, reseeded with ``seed``.
+
+    A Compose holds its random state, so one shared by tf.data's threads could be reseeded by
+    one call while another draws from it; each thread therefore builds (and keeps the 32 most
+    recent of) its own. Reseeding sets every draw, so the pixels do not depend on which
+    thread's copy ran or what it ran before.
+    """
+    build = getattr(_per_thread, "build", None)
+    if build is None:
+        build = _per_thread.build = functools.lru_cache(maxsize=32)(_compose)
+    compose = build(cfg, height, width)
+    _reseed(compose, seed)
+    return compose
+
+
 class _BatchAugmenter:
-    """Augments uint8 batches with one albumentations pipeline per thread and image shape.
+    """Augments uint8 batches with this thread's albumentations pipeline for their shape.
 
     Each call is seeded from (cfg.seed, the batch's pixels, how often this augmenter has seen
     that exact batch): a reshuffled epoch or a repeated batch gets new variants, yet a run is
@@ -145,18 +167,8 @@ class _BatchAugmenter:
 
     def __init__(self, cfg: AugmentConfig) -> None:
         self.cfg = cfg
-        self._local = threading.local()
         self._seen: Counter[bytes] = Counter()
         self._lock = threading.Lock()
-
-    def _transform(self, height: int, width: int) -> A.Compose:
-        cache = getattr(self._local, "composes", None)
-        if cache is None:
-            cache = self._local.composes = {}
-        key = (height, width)
-        if key not in cache:
-            cache[key] = _compose(self.cfg, height, width)
-        return cache[key]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images)
@@ -166,8 +178,8 @@ class _BatchAugmenter:
             self._seen[key] = count + 1
         single = images.ndim == 3
         batch = images[None] if single else images
-        transform = self._transform(batch.shape[1], batch.shape[2])
-        _reseed(transform, _seed_for(self.cfg.seed, key, count))
+        seed = _seed_for(self.cfg.seed, key, count)
+        transform = _seeded_compose(self.cfg, batch.shape[1], batch.shape[2], seed)
         out = np.empty_like(batch)
         for i, image in enumerate(batch):
             out[i] = transform(image=image)["image"]
@@ -185,8 +197,8 @@ def make_tf_augment(cfg: AugmentConfig, image_size: int) -> Callable[[tf.Tensor]
     import tensorflow as tf
 
     augmenter = _BatchAugmenter(cfg)
-    # Built now so the first training batch does not pay for it.
-    augmenter._transform(image_size, image_size)
+    # Built now, on this thread, so the first training batch does not pay for it.
+    _seeded_compose(cfg, image_size, image_size, cfg.seed)
 
     def augment_images(images: tf.Tensor) -> tf.Tensor:
         if images.dtype != tf.uint8:
@@ -248,18 +260,12 @@ def _read_train(split_dir: Path) -> list[dict[str, str]]:
 
 def _augmented_copy(cfg: AugmentConfig, image: np.ndarray, source: str, copy: int) -> np.ndarray:
     """Copy number ``copy`` of one image: seeded by (seed, source path, copy), order-free."""
-    transform = _cached_compose(cfg, image.shape[0], image.shape[1])
-    _reseed(transform, _seed_for(cfg.seed, source.encode(), copy))
-    return transform(image=image)["image"]
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_compose(cfg: AugmentConfig, height: int, width: int) -> A.Compose:
-    return _compose(cfg, height, width)
+    seed = _seed_for(cfg.seed, source.encode(), copy)
+    return _seeded_compose(cfg, image.shape[0], image.shape[1], seed)(image=image)["image"]
 
 
 def _preview_sources(cfg: AugmentConfig, rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """``preview_images`` training rows, taking classes in turn, each class in a seeded order."""
+    """``preview.images`` training rows, taking classes in turn, each class in a seeded order."""
     by_class: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_class.setdefault(row["class"], []).append(row)
@@ -269,9 +275,9 @@ def _preview_sources(cfg: AugmentConfig, rows: list[dict[str, str]]) -> list[dic
     ]
     chosen: list[dict[str, str]] = []
     depth = 0
-    while len(chosen) < min(cfg.preview_images, len(rows)):
+    while len(chosen) < min(cfg.preview.images, len(rows)):
         for queue in queues:
-            if depth < len(queue) and len(chosen) < cfg.preview_images:
+            if depth < len(queue) and len(chosen) < cfg.preview.images:
                 chosen.append(queue[depth])
         depth += 1
     return chosen
@@ -280,7 +286,7 @@ def _preview_sources(cfg: AugmentConfig, rows: list[dict[str, str]]) -> list[dic
 def write_preview(
     cfg: AugmentConfig, split_dir: Path, rows: list[dict[str, str]], preview: Path
 ) -> Path:
-    """Write a PNG grid: each row one training image, then ``preview_variants`` augmentations.
+    """Write a PNG grid: each row one training image, then ``preview.variants`` augmentations.
 
     Returns ``preview``. Raises StageError for an unreadable image.
     """
@@ -290,14 +296,14 @@ def write_preview(
     import matplotlib.pyplot as plt
 
     sources = _preview_sources(cfg, rows)
-    columns = 1 + cfg.preview_variants
+    columns = 1 + cfg.preview.variants
     fig, axes = plt.subplots(
         len(sources), columns, figsize=(1.4 * columns, 1.5 * len(sources)), squeeze=False
     )
     for r, row in enumerate(sources):
         image = _load_rgb(split_dir / row["path"])
         cells = [image] + [
-            _augmented_copy(cfg, image, row["path"], k) for k in range(cfg.preview_variants)
+            _augmented_copy(cfg, image, row["path"], k) for k in range(cfg.preview.variants)
         ]
         for c, cell in enumerate(cells):
             axis = axes[r][c]
@@ -316,8 +322,18 @@ def write_preview(
     return preview
 
 
-def _offline_params(cfg: AugmentConfig) -> dict[str, object]:
-    return cfg.model_dump(exclude={"preview_images", "preview_variants"})
+def _discard_stale_copies(cfg: AugmentConfig, out: Path) -> None:
+    """Remove copies made with other params (or of unknown origin): they would mix in silently.
+
+    ``out/params.json`` records the fingerprint of everything but the preview knobs.
+    """
+    images_dir = out / "images"
+
+    def wipe() -> None:
+        shutil.rmtree(images_dir, ignore_errors=True)
+
+    described = cfg.model_dump(mode="json", exclude={"preview"})
+    reuse_or_wipe(out / "params.json", fingerprint(described), wipe, described)
 
 
 def _write_offline(
@@ -326,15 +342,7 @@ def _write_offline(
     """Write ``cfg.copies`` augmented PNGs per training image; return (written, reused)."""
     from tqdm import tqdm
 
-    images_dir = out / "images"
-    params_file = out / "params.json"
-    recorded = None
-    if params_file.exists():
-        recorded = json.loads(params_file.read_text(encoding="utf-8"))
-    if recorded != _offline_params(cfg) and images_dir.exists():
-        # Copies made with other params (or of unknown origin) would silently mix in.
-        shutil.rmtree(images_dir)
-    atomic_write_json(params_file, _offline_params(cfg))
+    _discard_stale_copies(cfg, out)
     manifest: list[dict[str, object]] = []
     written = reused = 0
     for row in tqdm(rows, desc="augment", unit="img"):

@@ -7,7 +7,8 @@ class, group, ...) and the ``split`` section of params.yaml. Produces, in ``data
   the CSV's own folder (``../clean/<class>/<sha>.png``). No images are copied.
 - ``assignment.csv``: every clean image with its split (``unused`` when count targets are full),
   paths relative to data/clean: the persisted assignment the next run starts from.
-- ``split_params.json``: the seed and sizes that assignment was made with.
+- ``split_params.json``: the fingerprint of the seed and sizes that assignment was made with
+  (``pipeline.resume``), and the seed and sizes themselves for a reader.
 
 and ``reports/split_report.json`` (counts per split and class, a DVC metric).
 
@@ -24,7 +25,6 @@ straddles splits. Moves are counted in the report.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from typing import Any
 
 from pipeline.config import SplitConfig, StageError
 from pipeline.files import atomic_write_json, read_csv, read_jsonl, write_csv
+from pipeline.resume import Resume, fingerprint, recorded_fingerprint, reuse_or_wipe
 
 SPLITS = ("train", "val", "test")
 UNUSED = "unused"
@@ -41,6 +42,7 @@ _PROTECTED_ORDER = {"test": 0, "val": 1, "train": 2, UNUSED: 3}
 REQUIRED_KEYS = ("path", "class", "group")
 SPLIT_FIELDS = ["path", "class", "group"]
 ASSIGNMENT_FIELDS = ["path", "class", "group", "split"]
+PARAMS_MARKER = "split_params.json"
 
 
 @dataclass(frozen=True)
@@ -102,22 +104,39 @@ def _params_record(cfg: SplitConfig) -> dict[str, Any]:
 
 
 def _previous_assignment(cfg: SplitConfig, out: Path) -> tuple[dict[str, str], bool]:
-    """Return (path → split from the last run, whether a last run's split is being redrawn).
+    """Return (path → split from the last run, whether that assignment exists but is unreadable).
 
-    The mapping is empty when there is no last run or it used another seed or other sizes.
+    The mapping is empty when there is no last run or it used another seed or other sizes: the
+    fingerprint ``split_params.json`` records differs (see ``_record_params``). Only reads: a
+    run that fails its checks must leave the last assignment in place.
     """
-    state, assignment = out / "split_params.json", out / "assignment.csv"
-    if not (state.exists() and assignment.exists()):
+    assignment = out / "assignment.csv"
+    if recorded_fingerprint(out / PARAMS_MARKER) != _params_fingerprint(cfg):
         return {}, False
     try:
-        recorded = json.loads(state.read_text(encoding="utf-8"))
-        rows = read_csv(assignment)
+        rows = read_csv(assignment) if assignment.exists() else []
     except (OSError, ValueError):
-        return {}, True
-    if recorded != _params_record(cfg):
         return {}, True
     valid = (*SPLITS, UNUSED)
     return {row["path"]: row["split"] for row in rows if row.get("split") in valid}, False
+
+
+def _params_fingerprint(cfg: SplitConfig) -> str:
+    return fingerprint(_params_record(cfg))
+
+
+def _record_params(cfg: SplitConfig, out: Path) -> Resume:
+    """Wipe an assignment made with another seed or sizes and record this run's.
+
+    Returns ``Resume.WIPED`` when a last run's split is being redrawn.
+    """
+    assignment = out / "assignment.csv"
+    return reuse_or_wipe(
+        out / PARAMS_MARKER,
+        _params_fingerprint(cfg),
+        lambda: assignment.unlink(missing_ok=True),
+        _params_record(cfg),
+    )
 
 
 def _targets(cfg: SplitConfig, label: str, images: int, groups: int) -> dict[str, float]:
@@ -193,7 +212,7 @@ def split(cfg: SplitConfig, clean: Path, out: Path, report: Path) -> SplitSummar
     """
     clean, out = Path(clean), Path(out)
     images = _read_manifest(clean)
-    previous, redrawn = _previous_assignment(cfg, out)
+    previous, unreadable = _previous_assignment(cfg, out)
     by_class: dict[str, dict[str, list[Image]]] = defaultdict(lambda: defaultdict(list))
     for image in images:
         by_class[image.label][image.group].append(image)
@@ -209,6 +228,7 @@ def split(cfg: SplitConfig, clean: Path, out: Path, report: Path) -> SplitSummar
                 assignment[member.path] = placed[group]
 
     ordered = sorted(images, key=lambda i: (i.label, i.path))
+    redrawn = _record_params(cfg, out) is Resume.WIPED or unreadable
     # The assignment is the state a rerun trusts, so it is written first; the CSVs derive from it.
     write_csv(
         out / "assignment.csv",
@@ -218,7 +238,6 @@ def split(cfg: SplitConfig, clean: Path, out: Path, report: Path) -> SplitSummar
         ),
         ASSIGNMENT_FIELDS,
     )
-    atomic_write_json(out / "split_params.json", _params_record(cfg))
     prefix = Path(os.path.relpath(clean, out))
     per_class: dict[str, dict[str, int]] = {name: {} for name in (*SPLITS, UNUSED)}
     for name in SPLITS:

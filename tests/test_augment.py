@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pipeline.augment import augment, build_transform, make_tf_augment
-from pipeline.config import AugmentConfig, SplitConfig, StageError
+from pipeline.config import AugmentConfig, PreviewConfig, SplitConfig, StageError, TransformsConfig
 from pipeline.files import read_csv, write_jsonl
 from pipeline.split import split
 
@@ -28,9 +28,13 @@ IDENTITY = {
 }
 
 
+def knobs(**transforms: object) -> AugmentConfig:
+    return AugmentConfig(transforms=TransformsConfig(**transforms))
+
+
 def offline(copies: int) -> AugmentConfig:
     # A one-cell preview: these tests are about the copies, and the grid is drawn every run.
-    return AugmentConfig(mode="offline", copies=copies, preview_images=1, preview_variants=1)
+    return AugmentConfig(mode="offline", copies=copies, preview=PreviewConfig(images=1, variants=1))
 
 
 def random_images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -63,7 +67,7 @@ def run_dataset(fn, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
 def test_transform_keeps_shape_and_dtype_and_changes_pixels() -> None:
     image = random_images(1, size=48)[0]
 
-    out = build_transform(AugmentConfig(crop_p=1.0), 48)(image=image)["image"]
+    out = build_transform(knobs(crop_p=1.0), 48)(image=image)["image"]
 
     assert out.shape == (48, 48, 3)
     assert out.dtype == np.uint8
@@ -73,14 +77,14 @@ def test_transform_keeps_shape_and_dtype_and_changes_pixels() -> None:
 def test_all_knobs_off_leave_images_unchanged() -> None:
     image = random_images(1)[0]
 
-    out = build_transform(AugmentConfig(**IDENTITY), 32)(image=image)["image"]
+    out = build_transform(knobs(**IDENTITY), 32)(image=image)["image"]
 
     assert np.array_equal(out, image)
 
 
 def test_a_knob_with_probability_zero_never_fires() -> None:
     image = random_images(1)[0]
-    cfg = AugmentConfig(**{**IDENTITY, "rotation_range": 90}, rotation_p=0.0)
+    cfg = knobs(**{**IDENTITY, "rotation_range": 90}, rotation_p=0.0)
 
     out = build_transform(cfg, 32)(image=image)["image"]
 
@@ -92,7 +96,7 @@ def test_knobs_sharing_a_probability_are_one_warp() -> None:
         return sum(isinstance(t, A.Affine) for t in build_transform(cfg, 32).transforms)
 
     assert warps(AugmentConfig()) == 1
-    assert warps(AugmentConfig(zoom_p=0.5)) == 2
+    assert warps(knobs(zoom_p=0.5)) == 2
 
 
 def test_tf_augment_in_dataset_keeps_shape_dtype_and_labels() -> None:
@@ -110,7 +114,7 @@ def test_tf_augment_pairs_each_image_with_its_own_label() -> None:
     # Flat grey levels survive flips and warps with nearest fill; the level encodes the label.
     levels = np.arange(0, 240, 10, dtype=np.uint8)
     images = np.broadcast_to(levels[:, None, None, None], (24, 32, 32, 3)).copy()
-    cfg = AugmentConfig(brightness_contrast_p=0.0)
+    cfg = knobs(brightness_contrast_p=0.0)
 
     out, labels = run_dataset(make_tf_augment(cfg, 32), images, np.arange(24))
 
@@ -138,6 +142,22 @@ def test_tf_augment_gives_new_variants_every_epoch() -> None:
     assert not np.array_equal(epoch1, epoch2)
 
 
+def test_copies_made_from_many_threads_at_once_match_copies_made_one_by_one() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.augment import _augmented_copy
+
+    cfg = AugmentConfig()
+    images = random_images(16)
+    jobs = [(image, f"img{i}.png", copy) for i, image in enumerate(images) for copy in range(4)]
+
+    one_by_one = [_augmented_copy(cfg, *job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        at_once = list(pool.map(lambda job: _augmented_copy(cfg, *job), jobs * 4))
+
+    assert all(np.array_equal(a, b) for a, b in zip(one_by_one * 4, at_once, strict=True))
+
+
 def test_tf_augment_rejects_images_already_rescaled_to_float() -> None:
     fn = make_tf_augment(AugmentConfig(), 32)
 
@@ -147,7 +167,7 @@ def test_tf_augment_rejects_images_already_rescaled_to_float() -> None:
 
 def test_augment_writes_the_preview_grid(tmp_path: Path, split_dir: Path) -> None:
     preview = tmp_path / "reports" / "augment_preview.png"
-    cfg = AugmentConfig(preview_images=2, preview_variants=5)
+    cfg = AugmentConfig(preview=PreviewConfig(images=2, variants=5))
 
     augment(cfg, split_dir, tmp_path / "augmented", preview)
 
@@ -215,14 +235,14 @@ def test_changed_params_replace_offline_copies(tmp_path: Path, split_dir: Path) 
 
     assert (summary.copies_written, summary.copies_reused) == (12, 0)
     assert len(list((out / "images").rglob("*.png"))) == 12
-    assert json.loads((out / "params.json").read_text())["copies"] == 1
+    assert json.loads((out / "params.json").read_text())["made_from"]["copies"] == 1
 
 
 def test_on_the_fly_mode_clears_earlier_offline_copies(tmp_path: Path, split_dir: Path) -> None:
     out = tmp_path / "augmented"
     augment(offline(copies=1), split_dir, out, tmp_path / "p.png")
 
-    augment(AugmentConfig(preview_images=1), split_dir, out, tmp_path / "p.png")
+    augment(AugmentConfig(preview=PreviewConfig(images=1)), split_dir, out, tmp_path / "p.png")
 
     assert not (out / "images").exists()
     assert read_csv(out / "manifest.csv") == []
