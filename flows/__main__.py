@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from flows.params import resolve_params
-from pipeline.__main__ import STAGES
 from pipeline.config import DEFAULT_PARAMS, ParamsError, StageError
+from pipeline.stages import NAMES as STAGES
 
 
 def parse_override(text: str) -> tuple[str, Any]:

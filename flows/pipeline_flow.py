@@ -38,8 +38,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import versioning
 from flows.params import resolve_params, write_params
 from flows.promote import Promotion, promote
-from pipeline import paths
-from pipeline.__main__ import STAGES  # the stage order dvc.yaml runs them in
+from pipeline import paths, stages
 from pipeline.config import (
     DEFAULT_PARAMS,
     FlowConfig,
@@ -104,60 +103,30 @@ def transient_only(task: Any, task_run: Any, state: State) -> bool:
     return True
 
 
-@task(name="crawl-discover", retry_condition_fn=transient_only, **NO_RESULT_CACHE)
-def discover_class(root: str, class_name: str, refresh: bool = False) -> int:
-    """Find one class's candidate images (pages, URL lists, APIs); returns how many.
-
-    ``refresh`` walks the sources again for images added since the last crawl."""
-    from pipeline.crawl import discover
-
+@task(name="crawl-step", retry_condition_fn=transient_only, **NO_RESULT_CACHE)
+def crawl_step(root: str, job: CrawlJob) -> str:
+    """One step of the crawl plan (discover a class, or fetch one class's host shard), run
+    through the stage registry exactly as ``python -m pipeline crawl --discover/--shard`` runs
+    it. Returns the step's one-line summary."""
     with _in_project(Path(root)):
-        cfg = load_params(DEFAULT_PARAMS).crawl
-        found = discover(cfg, paths.RAW, classes=[class_name], progress=False, refresh=refresh)
-    count = found[class_name]
-    get_run_logger().info(f"crawl-discover {class_name}: {count} candidate images")
-    return count
-
-
-@task(name="crawl-shard", retry_condition_fn=transient_only, **NO_RESULT_CACHE)
-def crawl_shard(
-    root: str, class_name: str, host_shard: tuple[int, int] | None, refresh: bool = False
-) -> str:
-    """Download one class's (host shard's) images into data/raw; returns the shard's summary.
-
-    ``refresh`` (only without host shards: there ``discover_class`` walks) looks for new images.
-    """
-    from pipeline.crawl import crawl
-
-    with _in_project(Path(root)):
-        cfg = load_params(DEFAULT_PARAMS).crawl
-        summary = crawl(
-            cfg,
-            paths.RAW,
-            paths.CRAWL_REPORT,
-            classes=[class_name],
-            host_shard=host_shard,
-            progress=False,
-            refresh=refresh,
-        )
-    label = class_name
-    if host_shard is not None:
-        label += f" host shard {host_shard[0]}/{host_shard[1]}"
-    text = str(summary).removesuffix(" (shard done; run merge_shards for the manifest)")
-    get_run_logger().info(f"crawl-shard {label}: {text}")
+        summary = stages.run_stage("crawl", load_params(DEFAULT_PARAMS), job.options())
+    text = str(summary)
+    get_run_logger().info(f"crawl {job}: {text}")
     return text
 
 
 @task(name="crawl-merge", **NO_RESULT_CACHE)
 def merge_crawl(root: str) -> str:
-    """Merge the shards into data/raw/manifest.jsonl and record the crawl stage in dvc.lock."""
-    from pipeline.crawl import merge_shards
-
+    """Merge the steps into data/raw/manifest.jsonl (``python -m pipeline crawl --merge``) and
+    record the crawl stage in dvc.lock."""
     with _in_project(Path(root)):
-        summary = merge_shards(load_params(DEFAULT_PARAMS).crawl, paths.RAW, paths.CRAWL_REPORT)
+        stages.run_stage(
+            "crawl", load_params(DEFAULT_PARAMS), stages.StageOptions(crawl_step="merge")
+        )
     versioning.commit_stage(Path(root), "crawl")
+    summary = stages.read_summary(Path(root), "crawl") or "merged"
     get_run_logger().info(f"crawl: {summary}")
-    return str(summary)
+    return summary
 
 
 @task(name="stage", **NO_RESULT_CACHE)
@@ -168,6 +137,7 @@ def stage_task(root: str, stage: str) -> versioning.StageRun:
     return result
 
 
+STAGES = stages.NAMES  # the registry's order is dvc.yaml's
 STAGE_TASKS = {
     stage: stage_task.with_options(name=stage, task_run_name=stage) for stage in STAGES[1:]
 }
@@ -178,7 +148,11 @@ def promote_task(root: str, cfg: FlowConfig, name: str) -> Promotion:
     """Copy the run's model into models/best/ if the params rule allows; log the decision."""
     root_path = Path(root)
     decision = promote(
-        cfg.promote, root_path / paths.METRICS, root_path / paths.MODELS, root_path / BEST, name
+        cfg.promote,
+        root_path / paths.MODEL_METRICS,
+        root_path / paths.MODELS,
+        root_path / BEST,
+        name,
     )
     logger = get_run_logger()
     if decision.promoted:
@@ -262,29 +236,14 @@ def _crawl(root: Path, cfg: StageConfigs, force: bool, summary: FlowSummary) -> 
         ],
         "retry_jitter_factor": 0.5 if cfg.flow.crawl_retry_backoff_s else None,
     }
-    names = cfg.class_names
-    shards = cfg.flow.crawl_host_shards
-    if shards > 1:
-        # Every host shard of a class needs the class's candidate list first.
-        # A forced (scheduled) crawl walks the sources again for images added since last time.
-        discovered = discover_class.with_options(**retry).map(
-            unmapped(str(root)), names, refresh=unmapped(force)
-        )
-        wait(list(discovered))
-        for future in discovered:
-            future.result()
-        jobs = [(name, (i, shards)) for name in names for i in range(shards)]
-    else:
-        jobs = [(name, None) for name in names]
-    futures = crawl_shard.with_options(**retry).map(
-        unmapped(str(root)),
-        [name for name, _ in jobs],
-        [shard for _, shard in jobs],
-        refresh=unmapped(force and shards <= 1),  # with shards, discover_class walked
-    )
-    wait(list(futures))
-    for future in futures:
-        future.result()  # the first failed shard fails the flow, after its retries
+    # The plan (which classes and host shards, and which step walks the sources again on a
+    # forced crawl) is the crawl package's; the flow only maps it onto tasks, wave by wave.
+    plan = crawl_plan(cfg.class_names, cfg.flow.crawl_host_shards, refresh=force)
+    for wave in plan.waves:
+        futures = crawl_step.with_options(**retry).map(unmapped(str(root)), list(wave))
+        wait(list(futures))
+        for future in futures:
+            future.result()  # the first failed step fails the flow, after its retries
     summary.stage_lines.append("crawl: " + merge_crawl(str(root)))
     summary.ran.append("crawl")
 

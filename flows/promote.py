@@ -1,6 +1,7 @@
 """Promotion: copy a run's model into ``models/best/`` only when it is not worse than the best.
 
-Consumes ``reports/metrics.json`` (evaluate's per-model metrics), ``models/<model>.keras`` and its
+Consumes ``reports/metrics/models/<model>.json`` (evaluate's headline metrics for one model),
+``models/<model>.keras`` and its
 sidecar ``models/<model>.json``, and the rule in params.yaml's ``flow.promote``. Produces
 ``models/best/`` holding ``model.keras``, ``model.json`` (the sidecar, unchanged) and
 ``best.json`` (which model, the metric and its value, when, from which run). The folder is
@@ -42,16 +43,11 @@ class Promotion:
 
 
 def metric_value(metrics: dict[str, Any], model: str, metric: str, source: Path) -> float:
-    """Return ``metrics[model][metric]``, where ``metric`` may be dotted (``macro_avg.f1``).
+    """Return ``metrics[metric]`` (one model's metrics), where ``metric`` may be dotted.
 
     Raises StageError naming the file and the missing key.
     """
-    node: Any = metrics.get(model)
-    if node is None:
-        raise StageError(
-            f"{source}: no metrics for model {model!r} (flow.promote.model); "
-            f"models with metrics: {', '.join(sorted(metrics)) or 'none'}"
-        )
+    node: Any = metrics
     for part in metric.split("."):
         if not isinstance(node, dict) or part not in node:
             raise StageError(f"{source}: {model}.{metric} not found (flow.promote.metric)")
@@ -81,9 +77,23 @@ def _replace_dir(staged: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def _read_metrics(metrics_dir: Path, model: str) -> tuple[dict[str, Any], Path]:
+    path = metrics_dir / f"{model}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), path
+    except FileNotFoundError:
+        scored = sorted(p.stem for p in metrics_dir.glob("*.json"))
+        raise StageError(
+            f"{path}: not found: no metrics for model {model!r} (flow.promote.model); "
+            f"models with metrics: {', '.join(scored) or 'none (run the evaluate stage first)'}"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}: not valid JSON: {exc}") from None
+
+
 def promote(
     rule: PromotionConfig,
-    metrics_path: Path,
+    metrics_dir: Path,
     models_dir: Path,
     best_dir: Path,
     run_name: str = "",
@@ -95,13 +105,8 @@ def promote(
     alone. Returns a Promotion; raises StageError naming the file or params key when the metrics
     or the model file are missing.
     """
-    metrics_path, models_dir, best_dir = Path(metrics_path), Path(models_dir), Path(best_dir)
-    try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StageError(f"{metrics_path}: not found; run the evaluate stage first") from None
-    except json.JSONDecodeError as exc:
-        raise StageError(f"{metrics_path}: not valid JSON: {exc}") from None
+    models_dir, best_dir = Path(models_dir), Path(best_dir)
+    metrics, metrics_path = _read_metrics(Path(metrics_dir), rule.model)
     value = metric_value(metrics, rule.model, rule.metric, metrics_path)
     model_file = models_dir / f"{rule.model}.keras"
     sidecar = models_dir / f"{rule.model}.json"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import stages
 from pipeline.config import StageError
 
 TAIL_LINES = 40
@@ -90,9 +91,9 @@ def repro_stage(root: Path, stage: str, force: bool = False, echo: bool = True) 
     """Bring ``stage`` up to date through DVC, like ``dvc repro --single-item <stage>``.
 
     Skips the subprocess when DVC reports no change (and ``force`` is false). The stage's own
-    output streams to stdout when ``echo``; its one-line summary (``<stage>: ...``, printed by
-    ``python -m pipeline``) is returned. Raises StageError with the output's last lines when the
-    stage fails.
+    output streams to stdout when ``echo``; its one-line summary is read from the summary file
+    the stage wrote (``reports/summaries/<stage>.json``, see pipeline/stages.py). Raises
+    StageError with the output's last lines when the stage fails.
     """
     started = time.monotonic()
     if not force and not stage_changes(root, stage):
@@ -101,7 +102,6 @@ def repro_stage(root: Path, stage: str, force: bool = False, echo: bool = True) 
     if force:
         args.append("--force")
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    summary = ""
     with subprocess.Popen(
         args,
         cwd=root,
@@ -120,16 +120,14 @@ def repro_stage(root: Path, stage: str, force: bool = False, echo: bool = True) 
             # Progress bars redraw with \r: the last segment is what a terminal would show.
             shown = line.rstrip("\n").split("\r")[-1]
             tail.append(shown)
-            if shown.startswith(f"{stage}: "):
-                summary = shown[len(stage) + 2 :]
     if process.returncode != 0:
         output = "\n".join(tail)
         raise StageError(
             f"dvc repro --single-item {stage} failed ({process.returncode}):\n{output}"
         )
-    if not summary:
-        # DVC restored the outputs from its run cache instead of running the command.
-        summary = next((t for t in reversed(tail) if t.strip()), "done")
+    # Also right when DVC restored the outputs from its run cache instead of running the
+    # command: the summary file is one of the stage's outputs.
+    summary = stages.read_summary(root, stage) or "done"
     return StageRun(stage, True, summary, time.monotonic() - started)
 
 

@@ -1,7 +1,8 @@
 """Command line: ``python -m pipeline <stage> [--params params.yaml]``.
 
-No logic lives here: each subcommand loads params.yaml, calls its stage function with the paths
-dvc.yaml declares, and prints the stage's one-line summary.
+No logic lives here: the subcommands come from the stage registry (pipeline/stages.py); each
+loads params.yaml, runs its stage through the registry (which writes the stage's summary file)
+and prints the stage's one-line summary.
 """
 
 from __future__ import annotations
@@ -10,97 +11,49 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import paths
-from pipeline.config import DEFAULT_PARAMS, ParamsError, StageConfigs, StageError, load_params
-
-STAGES = (
-    "crawl",
-    "clean",
-    "split",
-    "augment",
-    "train-baseline",
-    "train-transfer",
-    "evaluate",
-)
+from pipeline import paths, stages
+from pipeline.config import DEFAULT_PARAMS, ParamsError, StageError, load_params
 
 
-def _crawl(cfg: StageConfigs, args: argparse.Namespace) -> object:
-    from pipeline.crawl import crawl
-
-    return crawl(cfg.crawl, paths.RAW, report=paths.CRAWL_REPORT, refresh=args.refresh)
-
-
-def _clean(cfg: StageConfigs, args: argparse.Namespace) -> object:
-    from pipeline.clean import clean
-
-    return clean(cfg.clean, paths.RAW, paths.CLEAN, report=paths.CLEAN_REPORT)
-
-
-def _split(cfg: StageConfigs, args: argparse.Namespace) -> object:
-    from pipeline.split import split
-
-    return split(cfg.split, paths.CLEAN, paths.SPLIT, report=paths.SPLIT_REPORT)
-
-
-def _augment(cfg: StageConfigs, args: argparse.Namespace) -> object:
-    from pipeline.augment import augment
-
-    return augment(cfg.augment, paths.SPLIT, paths.AUGMENTED, preview=paths.AUGMENT_PREVIEW)
-
-
-def _train_baseline(cfg: StageConfigs, args: argparse.Namespace) -> object:
-    from pipeline.train import train_baseline
-
-    return train_baseline(
-        cfg.train,
-        paths.SPLIT,
-        paths.MODELS,
-        live_dir=paths.DVCLIVE / "baseline",
-        augmented_dir=paths.AUGMENTED,
+def _add_crawl_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="walk the sources again for new images; already-fetched images are not refetched",
     )
-
-
-def _train_transfer(cfg: StageConfigs, args: argparse.Namespace) -> object:
-    from pipeline.train import train_transfer
-
-    return train_transfer(
-        cfg.train,
-        paths.SPLIT,
-        paths.MODELS,
-        features_dir=paths.FEATURES,
-        live_dir=paths.DVCLIVE / "transfer",
-        augmented_dir=paths.AUGMENTED,
+    p.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="crawl only this class (repeatable; default: every class in params.yaml)",
     )
-
-
-def _evaluate(cfg: StageConfigs, args: argparse.Namespace) -> object:
-    from pipeline.evaluate import evaluate
-
-    return evaluate(cfg.evaluate, paths.SPLIT, paths.MODELS, paths.REPORTS)
-
-
-RUNNERS: dict[str, Callable[[StageConfigs, argparse.Namespace], object]] = {
-    "crawl": _crawl,
-    "clean": _clean,
-    "split": _split,
-    "augment": _augment,
-    "train-baseline": _train_baseline,
-    "train-transfer": _train_transfer,
-    "evaluate": _evaluate,
-}
-
-HELP = {
-    "crawl": "fetch images for each class into data/raw (resumes a killed crawl)",
-    "clean": "validate, normalise and dedupe data/raw into data/clean",
-    "split": "grouped, stratified train/val/test CSVs in data/split",
-    "augment": "augmentation preview (and offline copies if augment.mode=offline)",
-    "train-baseline": "train the small convnet from scratch into models/baseline.keras",
-    "train-transfer": "VGG16 feature extraction, then fine-tuning, into models/",
-    "evaluate": "test-set metrics, plots and model card for every model into reports/",
-}
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument(
+        "--discover",
+        dest="crawl_step",
+        action="store_const",
+        const="discover",
+        help="sharded crawl, step 1: find each class's candidate images (no downloads)",
+    )
+    steps.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="sharded crawl, step 2: download host shard I of N (e.g. 2/4) of the candidates "
+        "found by --discover; shards may run at the same time, on several machines sharing "
+        "data/raw",
+    )
+    steps.add_argument(
+        "--merge",
+        dest="crawl_step",
+        action="store_const",
+        const="merge",
+        help="sharded crawl, step 3: merge the shards into data/raw/manifest.jsonl and the "
+        "report",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,21 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
         "all in order and skips what is up to date.",
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=HELP[stage], description=HELP[stage])
+    for stage in stages.STAGES:
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
         p.add_argument(
             "--params",
             type=Path,
             default=DEFAULT_PARAMS,
             help="parameters file (default: %(default)s)",
         )
-        if stage == "crawl":
-            p.add_argument(
-                "--refresh",
-                action="store_true",
-                help="walk the sources again for new images; already-fetched images are not "
-                "refetched",
-            )
+        if stage.name == "crawl":
+            _add_crawl_options(p)
     p = sub.add_parser("check", help="validate params.yaml and exit")
     p.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     p = sub.add_parser(
@@ -182,13 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "check":
         print(f"{args.params}: OK ({len(cfg.class_names)} classes: {', '.join(cfg.class_names)})")
         return 0
+    options = stages.StageOptions()
+    if args.stage == "crawl":
+        step = "fetch" if args.shard else (args.crawl_step or "all")
+        options = stages.StageOptions(
+            refresh=args.refresh, classes=tuple(args.classes), crawl_step=step, shard=args.shard
+        )
     started = time.monotonic()
     try:
-        summary = RUNNERS[args.stage](cfg, args)
+        summary = stages.run_stage(args.stage, cfg, options)
     except KeyboardInterrupt:
         print(f"\n{args.stage}: interrupted; rerun to resume", file=sys.stderr)
         return 130
-    except (ParamsError, StageError, FileNotFoundError) as exc:
+    except (ParamsError, StageError, FileNotFoundError, ValueError) as exc:
         print(f"error: {args.stage}: {exc}", file=sys.stderr)
         return 1
     print(f"{args.stage}: {summary} [{time.monotonic() - started:.1f}s]")

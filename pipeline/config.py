@@ -41,7 +41,6 @@ class _Section(BaseModel):
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
-Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
 class ClassConfig(_Section):
@@ -95,10 +94,23 @@ class ClassConfig(_Section):
 QuerySource = Literal["wikimedia_commons", "openverse"]
 
 
-class CrawlConfig(_Section):
-    """crawl: sources, politeness, safety and concurrency of pipeline/crawl.py."""
+DEFAULT_TRACKING_PARAMS = [
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
+    "utm_term",
+    "utm_content",
+    "gclid",
+    "fbclid",
+    "mc_cid",
+    "mc_eid",
+    "ref",
+]
 
-    classes: list[ClassConfig]
+
+class CrawlSettings(_Section):
+    """crawl: sources, politeness, safety and concurrency of pipeline/crawl/ (params.yaml)."""
+
     serve_demo_site: Path | None = None
     user_agent: Annotated[str, Field(min_length=1)] = "crawl2model/0.1"
     obey_robots_txt: bool = True
@@ -122,6 +134,7 @@ class CrawlConfig(_Section):
         "image/png",
         "image/gif",
         "image/webp",
+        "image/bmp",
     ]
     query_sources: list[QuerySource] = ["wikimedia_commons", "openverse"]
     wikimedia_api: str = "https://commons.wikimedia.org/w/api.php"
@@ -130,6 +143,7 @@ class CrawlConfig(_Section):
     api_delay_s: NonNegativeFloat = 1.0
     api_page_size: Annotated[int, Field(ge=1, le=50)] = 20
     thumbnail_width: Annotated[int, Field(ge=0)] = 640
+    tracking_params: list[Annotated[str, Field(min_length=1)]] = DEFAULT_TRACKING_PARAMS
 
     @field_validator("content_types")
     @classmethod
@@ -138,6 +152,12 @@ class CrawlConfig(_Section):
         if bad:
             raise ValueError(f"content_types must all be image/* types, got {bad}")
         return [t.lower() for t in types]
+
+
+class CrawlConfig(CrawlSettings):
+    """What the crawl runs with: the ``crawl:`` section plus the top-level ``classes`` list."""
+
+    classes: list[ClassConfig]
 
 
 QualityFlag = Literal["blurry", "dark", "bright", "low_information", "odd_aspect_ratio", "odd_size"]
@@ -189,7 +209,11 @@ class CleanConfig(_Section):
 
 
 class SplitConfig(_Section):
-    """Per-class split sizes: all fractions (summing to 1) or all integer counts."""
+    """split: per-class sizes, all fractions (summing to 1) or all integer counts.
+
+    ``seed`` may be set here so that changing the global seed keeps the split; it defaults to
+    the global ``seed``.
+    """
 
     seed: int = 42
     train: Annotated[float, Field(gt=0)] = 0.6
@@ -214,12 +238,9 @@ class SplitConfig(_Section):
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 
-class AugmentConfig(_Section):
-    """Training-image augmentation; names follow Keras' ImageDataGenerator (see params.yaml)."""
+class TransformsConfig(_Section):
+    """augment.transforms: what changes training images (Keras ImageDataGenerator names)."""
 
-    seed: int = 42
-    mode: Literal["on_the_fly", "offline"] = "on_the_fly"
-    copies: Annotated[int, Field(ge=1, le=100)] = 5
     rotation_range: Annotated[float, Field(ge=0, le=180)] = 15
     rotation_p: Probability = 1.0
     width_shift_range: Annotated[float, Field(ge=0, lt=1)] = 0.1
@@ -238,12 +259,32 @@ class AugmentConfig(_Section):
     crop_p: Probability = 0.0
     fill_mode: Literal["nearest", "reflect", "wrap", "constant"] = "nearest"
     cval: Annotated[int, Field(ge=0, le=255)] = 0
-    preview_images: Annotated[int, Field(ge=1, le=64)] = 6
-    preview_variants: Annotated[int, Field(ge=1, le=16)] = 5
+
+
+class PreviewConfig(_Section):
+    """augment.preview: what only draws reports/augment_preview.png (never retrains)."""
+
+    images: Annotated[int, Field(ge=1, le=64)] = 6
+    variants: Annotated[int, Field(ge=1, le=16)] = 5
+
+
+class AugmentSettings(_Section):
+    """augment: training-image augmentation (params.yaml)."""
+
+    mode: Literal["on_the_fly", "offline"] = "on_the_fly"
+    copies: Annotated[int, Field(ge=1, le=100)] = 5
+    transforms: TransformsConfig = TransformsConfig()
+    preview: PreviewConfig = PreviewConfig()
+
+
+class AugmentConfig(AugmentSettings):
+    """What augmentation runs with: the ``augment:`` section plus the global ``seed``."""
+
+    seed: int = 42
 
 
 class BaselineConfig(_Section):
-    """train-baseline: the DLwP ch. 8 small convnet trained from scratch."""
+    """train.baseline: the DLwP ch. 8 small convnet trained from scratch."""
 
     epochs: Annotated[int, Field(ge=1)] = 15
     learning_rate: PositiveFloat = 1e-3
@@ -252,7 +293,7 @@ class BaselineConfig(_Section):
 
 
 class TransferConfig(_Section):
-    """train-transfer: frozen VGG16 base + dense head (phase 1), then fine-tuning (phase 2)."""
+    """train.transfer: frozen VGG16 base + dense head (phase 1), then fine-tuning (phase 2)."""
 
     weights: Annotated[str, Field(min_length=1)] = "hed-bsds500"
     feature_mode: Literal["fast", "augmented"] = "fast"
@@ -266,30 +307,41 @@ class TransferConfig(_Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
-class TrainConfig(_Section):
-    """train: input pipeline and fitting knobs shared by train-baseline and train-transfer."""
+class FitConfig(_Section):
+    """train.fit: the input pipeline and fitting knobs both trainers share (change results)."""
 
-    seed: int = 42
     image_size: Annotated[int, Field(ge=32, le=512)] = 64
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     patience: Annotated[int, Field(ge=1)] = 5
-    cache: bool = True
     mixed_precision: bool = False
     xla: bool = False
-    verbose: Literal[0, 1, 2] = 1
+
+
+class TrainSettings(_Section):
+    """train: shared fitting knobs, each trainer's own section, and run-only knobs."""
+
+    fit: FitConfig = FitConfig()
+    # Run-only: how a run uses memory and what it prints, never what it computes.
+    cache: bool = True
+    verbose: Literal[0, 1, 2] = 2
     baseline: BaselineConfig = BaselineConfig()
     transfer: TransferConfig = TransferConfig()
+
+
+class TrainConfig(TrainSettings):
+    """What training runs with: the ``train:`` section plus the global ``seed`` and the
+    ``augment:`` section (on-the-fly augmentation and the offline training set)."""
+
+    seed: int = 42
     augment: AugmentConfig = AugmentConfig()
 
 
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
 
 
-class EvaluateConfig(_Section):
-    """Which models to score on the test split and how much to show of their mistakes."""
+class EvaluateSettings(_Section):
+    """evaluate: which models to score on the test split and how much of their mistakes to show."""
 
-    # Filled from train.image_size; used only for a model whose sidecar json lacks image_size.
-    image_size: Annotated[int, Field(ge=32, le=512)] = 64
     models: Annotated[list[ModelName], Field(min_length=1)] = [
         "baseline",
         "transfer_features",
@@ -307,6 +359,13 @@ class EvaluateConfig(_Section):
         return models
 
 
+class EvaluateConfig(EvaluateSettings):
+    """What evaluate runs with: the ``evaluate:`` section plus ``train.fit.image_size`` (used
+    only for a model whose sidecar json lacks its image size)."""
+
+    image_size: Annotated[int, Field(ge=32, le=512)] = 64
+
+
 _CRON_FIELD = r"[0-9A-Za-z*/,?#LW-]+"
 _CRON_MACRO = r"@(yearly|annually|monthly|weekly|daily|midnight|hourly)"
 _CRON = rf"^({_CRON_MACRO}|{_CRON_FIELD}(\s+{_CRON_FIELD}){{4}})$"
@@ -322,7 +381,7 @@ class PromotionConfig(_Section):
 
 
 class FlowConfig(_Section):
-    """flow: schedule, retries, crawl fan-out, promotion, run records (flows/pipeline_flow.py)."""
+    """flow: schedule, retries, crawl fan-out, promotion, run records (flows/)."""
 
     cron: Annotated[str, Field(pattern=_CRON)] = "0 3 * * 1"
     timezone: Annotated[str, Field(min_length=1)] = "UTC"
@@ -337,17 +396,18 @@ class FlowConfig(_Section):
 
 
 class Params(_Section):
-    """The whole params.yaml. Stage configs are derived views (``params.crawl`` etc.)."""
+    """The whole params.yaml, exactly as written: every section typed, unknown keys rejected at
+    every depth. Stage configs (``StageConfigs``) are built from it by ``parse_params``."""
 
     seed: int = 42
     classes: Annotated[list[ClassConfig], Field(min_length=2)]
-    crawl: dict[str, Any] = {}
+    crawl: CrawlSettings = CrawlSettings()
     clean: CleanConfig = CleanConfig()
-    split: dict[str, Any] = {}
-    augment: dict[str, Any] = {}
-    train: dict[str, Any] = {}
-    evaluate: dict[str, Any] = {}
-    flow: dict[str, Any] = {}
+    split: SplitConfig | None = None
+    augment: AugmentSettings = AugmentSettings()
+    train: TrainSettings = TrainSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+    flow: FlowConfig = FlowConfig()
 
     @field_validator("classes")
     @classmethod
@@ -375,10 +435,10 @@ class StageConfigs(BaseModel):
     flow: FlowConfig = FlowConfig()
 
 
-def _format_error(err: ValidationError, source: str, prefix: str = "") -> str:
+def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
@@ -392,13 +452,6 @@ def _format_error(err: ValidationError, source: str, prefix: str = "") -> str:
     return f"{source}: invalid parameters\n" + "\n".join(lines)
 
 
-def _build(model: type[BaseModel], data: dict[str, Any], source: str, prefix: str) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise ParamsError(_format_error(err, source, prefix)) from None
-
-
 def parse_params(data: Any, source: str = "params.yaml") -> StageConfigs:
     """Validate a params mapping and return every stage's config.
 
@@ -407,25 +460,28 @@ def parse_params(data: Any, source: str = "params.yaml") -> StageConfigs:
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise ParamsError(f"{source}: expected a mapping at the top level, got {kind}")
-    params: Params = _build(Params, data, source, "")
+    split_given = isinstance(data.get("split"), dict) and "seed" in data["split"]
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, source)) from None
     seed = params.seed
-    classes = [c.model_dump() for c in params.classes]
-    train_data = {"seed": seed, **params.train, "augment": {"seed": seed, **params.augment}}
+    split = params.split or SplitConfig()
+    if not split_given:
+        split = split.model_copy(update={"seed": seed})
+    augment = AugmentConfig(**params.augment.model_dump(), seed=seed)
     return StageConfigs(
         seed=seed,
         class_names=[c.name for c in params.classes],
-        crawl=_build(CrawlConfig, {"classes": classes, **params.crawl}, source, "crawl"),
+        crawl=CrawlConfig(**params.crawl.model_dump(), classes=params.classes),
         clean=params.clean,
-        split=_build(SplitConfig, {"seed": seed, **params.split}, source, "split"),
-        augment=_build(AugmentConfig, {"seed": seed, **params.augment}, source, "augment"),
-        train=_build(TrainConfig, train_data, source, "train"),
-        evaluate=_build(
-            EvaluateConfig,
-            {"image_size": params.train.get("image_size", 64), **params.evaluate},
-            source,
-            "evaluate",
+        split=split,
+        augment=augment,
+        train=TrainConfig(**params.train.model_dump(), seed=seed, augment=augment),
+        evaluate=EvaluateConfig(
+            **params.evaluate.model_dump(), image_size=params.train.fit.image_size
         ),
-        flow=_build(FlowConfig, params.flow, source, "flow"),
+        flow=params.flow,
     )
 
 
@@ -443,6 +499,3 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> StageConfigs:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     return parse_params(data, source=str(path))
-
-
-Split = Literal["train", "val", "test"]

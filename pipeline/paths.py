@@ -1,6 +1,7 @@
 """Where each stage reads and writes, relative to the project root.
 
-dvc.yaml names the same paths as each stage's deps and outs; keep the two in step.
+dvc.yaml names the same paths as each stage's deps and outs; tests/test_stages.py checks that
+the two (and pipeline/stages.py) agree.
 """
 
 from __future__ import annotations
@@ -12,12 +13,21 @@ CLEAN = Path("data/clean")  # clean: <class>/<sha256>.png + manifest, removed, g
 SPLIT = Path("data/split")  # split: train.csv, val.csv, test.csv (path, class, group)
 AUGMENTED = Path("data/augmented")  # augment (offline mode): augmented copies + manifest.csv
 FEATURES = Path("data/features")  # train-transfer: cached VGG16 features (*.npy)
-MODELS = Path("models")  # train-*: *.keras
-DVCLIVE = Path("dvclive")  # train-*: dvclive/<stage>/ metrics and training curves
-REPORTS = Path("reports")  # *_report.json metrics, metrics.json, plots, model_card.md
+MODELS = Path("models")  # train-*: *.keras + <model>.json sidecars
+DVCLIVE = Path("dvclive")  # train-*: dvclive/<stage>/ training curves
+REPORTS = Path("reports")  # reports, plots, model card; metrics under reports/metrics/
 
 CRAWL_REPORT = REPORTS / "crawl_report.json"
 CLEAN_REPORT = REPORTS / "clean_report.json"
+CLEAN_DUPLICATES = REPORTS / "clean_duplicates.png"
 SPLIT_REPORT = REPORTS / "split_report.json"
 AUGMENT_PREVIEW = REPORTS / "augment_preview.png"
-METRICS = REPORTS / "metrics.json"
+SUMMARIES = REPORTS / "summaries"  # <stage>.json: each stage's one-line summary and its fields
+STAGE_METRICS = REPORTS / "metrics"  # <stage>.json: a few headline counts (DVC metrics)
+MODEL_METRICS = STAGE_METRICS / "models"  # <model>.json: accuracy, macro F1, log loss, ROC AUC
+EVALUATION = REPORTS / "evaluation.json"  # per-class and per-model detail (not a DVC metric)
+PREDICTIONS = REPORTS / "predictions"
+ROC = REPORTS / "roc"
+PR = REPORTS / "pr"
+MODEL_CARD = REPORTS / "model_card.md"
+MISCLASSIFIED = REPORTS / "misclassified"

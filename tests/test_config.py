@@ -6,13 +6,15 @@ import copy
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from pipeline.config import ParamsError, load_params, parse_params
+from pipeline.config import Params, ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +111,142 @@ def test_cli_fails_fast_on_bad_params_naming_the_key(
     assert result.returncode == 2
     assert "train.baseline.epochs" in result.stderr
     assert elapsed < 2.0, f"bad params took {elapsed:.2f}s to reject"
+
+
+# --------------------------------------------------------------------------------------------
+# Typed at every depth: a typo anywhere fails, naming the dotted key
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [
+        (("crawl",), "max_imges_per_class"),
+        (("clean",), "near_dup_max_distanse"),
+        (("split",), "tets"),
+        (("augment",), "rotation_range"),  # belongs under augment.transforms
+        (("augment", "transforms"), "rotaton_range"),
+        (("augment", "preview"), "preview_images"),
+        (("train",), "image_size"),  # belongs under train.fit
+        (("train", "fit"), "batch_sise"),
+        (("train", "baseline"), "learning_rte"),
+        (("train", "transfer"), "weigths"),
+        (("evaluate",), "model"),
+        (("flow",), "cronn"),
+        (("flow", "promote"), "metrc"),
+    ],
+)
+def test_a_typo_in_any_section_is_rejected_naming_the_dotted_key(
+    params: dict[str, Any], where: tuple[str, ...], key: str
+) -> None:
+    node = params
+    for part in where:
+        node = node.setdefault(part, {})
+    node[key] = 1
+    dotted = ".".join((*where, key)).replace(".", r"\.")
+
+    with pytest.raises(ParamsError, match=rf"{dotted}: unknown key"):
+        parse_params(params)
+
+
+def test_a_typo_inside_a_class_is_rejected(params: dict[str, Any]) -> None:
+    params["classes"][0]["seed"] = ["http://example.org/"]
+
+    with pytest.raises(ParamsError, match=r"classes\.0\.seed: unknown key"):
+        parse_params(params)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("train", "seed", 1),
+        ("augment", "seed", 1),
+        ("evaluate", "image_size", 128),
+        ("crawl", "classes", []),
+        ("train", "augment", {"transforms": {"rotation_range": 90}}),
+    ],
+)
+def test_values_the_code_injects_cannot_be_set_in_a_section(
+    params: dict[str, Any], section: str, key: str, value: Any
+) -> None:
+    params[section][key] = value
+
+    with pytest.raises(ParamsError, match=rf"{section}\.{key}: unknown key"):
+        parse_params(params)
+
+
+def test_injected_values_come_from_their_one_place(params: dict[str, Any]) -> None:
+    params["seed"] = 7
+    params["train"]["fit"]["image_size"] = 96
+
+    cfg = parse_params(params)
+
+    assert (cfg.train.seed, cfg.augment.seed, cfg.train.augment.seed, cfg.split.seed) == (7,) * 4
+    assert cfg.evaluate.image_size == 96
+    assert [c.name for c in cfg.crawl.classes] == cfg.class_names
+
+
+# The shipped params.yaml runs the bundled demo; these keys differ from the defaults on purpose,
+# and each says so on its line in params.yaml ("demo value"). Any other difference is drift.
+DEMO_VALUES = {
+    "crawl.serve_demo_site",
+    "crawl.user_agent",
+    "crawl.allow_private_addresses",
+    "crawl.max_images_per_class",
+    "crawl.max_per_host",
+    "train.transfer.fine_tune_epochs",
+}
+
+
+def _leaves(model: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, value, default) for every leaf field of a params section model."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from _leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value, field.get_default(call_default_factory=True)
+
+
+def test_params_yaml_and_the_config_defaults_do_not_drift() -> None:
+    shipped = Params.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    sections = {
+        name: getattr(shipped, name)
+        for name in ("crawl", "clean", "augment", "train", "evaluate", "flow")
+    }
+
+    differing = {
+        f"{section}.{key}"
+        for section, model in sections.items()
+        for key, value, default in _leaves(model)
+        if value != default
+    }
+
+    assert differing == DEMO_VALUES
+    text = (ROOT / "params.yaml").read_text()
+    lines = text.splitlines()
+    for dotted in DEMO_VALUES:
+        key = dotted.split(".")[-1] + ":"
+        at = next(i for i, line in enumerate(lines) if line.strip().startswith(key))
+        said = " ".join(lines[at - 1 : at + 2])  # the key's line and the comment lines beside it
+        assert "demo value" in said, f"params.yaml: say why {dotted} differs from its default"
+
+
+def test_params_yaml_spells_out_every_key_of_every_section() -> None:
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    shipped = Params.model_validate(data)
+
+    def missing(model: Any, given: dict[str, Any], prefix: str) -> Iterator[str]:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if name not in given:
+                yield prefix + name
+            elif isinstance(value, BaseModel):
+                yield from missing(value, given[name], f"{prefix}{name}.")
+
+    absent = [
+        key
+        for section in ("crawl", "clean", "augment", "train", "evaluate", "flow")
+        for key in missing(getattr(shipped, section), data[section], f"{section}.")
+    ]
+
+    assert absent == []

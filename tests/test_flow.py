@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -20,6 +19,8 @@ import yaml
 
 # Prefect keeps its profile and local storage under PREFECT_HOME: never the user's ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="crawl2model-prefect-"))
+
+from conftest import run_command, tiny_params
 
 from flows import pipeline_flow
 from flows.params import resolve_params, write_params
@@ -36,27 +37,6 @@ TRAINING = ("train-baseline", "train-transfer")
 # Helpers
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def tiny_params() -> dict[str, Any]:
-    """The shipped params shrunk to seconds: few images, 32 px, 1 epoch, instant retries."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["crawl"]["max_images_per_class"] = 16
-    params["train"]["image_size"] = 32
-    params["train"]["batch_size"] = 16
-    params["train"]["baseline"]["epochs"] = 1
-    params["train"]["transfer"]["feature_epochs"] = 1
-    params["train"]["transfer"]["fine_tune_epochs"] = 1
-    params.setdefault("flow", {}).update(crawl_retries=2, crawl_retry_backoff_s=0)
-    return params
-
-
 def make_project(where: Path) -> Path:
     """A fresh git + DVC project like a clone of this repo, with tiny params committed."""
     where.mkdir(parents=True, exist_ok=True)
@@ -69,13 +49,13 @@ def make_project(where: Path) -> Path:
         elif source.exists():
             shutil.copy2(source, where / name)
     (where / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    _run(["git", "init", "-q"], where)
-    _run(["git", "config", "user.email", "test@example.invalid"], where)
-    _run(["git", "config", "user.name", "test"], where)
+    run_command(["git", "init", "-q"], where)
+    run_command(["git", "config", "user.email", "test@example.invalid"], where)
+    run_command(["git", "config", "user.name", "test"], where)
     if not (where / ".dvc" / "config").exists():
-        _run([sys.executable, "-m", "dvc", "init", "-q"], where)
-    _run(["git", "add", "-A"], where)
-    _run(["git", "commit", "-qm", "tiny demo"], where)
+        run_command([sys.executable, "-m", "dvc", "init", "-q"], where)
+    run_command(["git", "add", "-A"], where)
+    run_command(["git", "commit", "-qm", "tiny demo"], where)
     return where
 
 
@@ -93,10 +73,11 @@ def run_flow(project: Path, **parameters: Any) -> pipeline_flow.FlowSummary:
         return pipeline_flow.crawl2model(**parameters)
 
 
-def write_metrics(path: Path, accuracy: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"transfer_finetuned": {"accuracy": accuracy}}))
-    return path
+def write_metrics(metrics_dir: Path, accuracy: float) -> Path:
+    """Evaluate's layout: one file per model in reports/metrics/models/."""
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    (metrics_dir / "transfer_finetuned.json").write_text(json.dumps({"accuracy": accuracy}))
+    return metrics_dir
 
 
 def write_model(models: Path, content: bytes) -> None:
@@ -112,11 +93,11 @@ def write_model(models: Path, content: bytes) -> None:
 def test_promotion_keeps_old_model_when_new_one_is_worse(tmp_path: Path) -> None:
     rule = PromotionConfig(max_drop=0.01)
     write_model(tmp_path / "models", b"old model")
-    promote(rule, write_metrics(tmp_path / "m1.json", 0.90), tmp_path / "models", tmp_path / "best")
+    promote(rule, write_metrics(tmp_path / "m1", 0.90), tmp_path / "models", tmp_path / "best")
     write_model(tmp_path / "models", b"new model")
 
     decision = promote(
-        rule, write_metrics(tmp_path / "m2.json", 0.85), tmp_path / "models", tmp_path / "best"
+        rule, write_metrics(tmp_path / "m2", 0.85), tmp_path / "models", tmp_path / "best"
     )
 
     assert not decision.promoted
@@ -128,11 +109,11 @@ def test_promotion_keeps_old_model_when_new_one_is_worse(tmp_path: Path) -> None
 def test_promotion_replaces_best_when_drop_is_within_max_drop(tmp_path: Path) -> None:
     rule = PromotionConfig(max_drop=0.05)
     write_model(tmp_path / "models", b"old model")
-    promote(rule, write_metrics(tmp_path / "m1.json", 0.90), tmp_path / "models", tmp_path / "best")
+    promote(rule, write_metrics(tmp_path / "m1", 0.90), tmp_path / "models", tmp_path / "best")
     write_model(tmp_path / "models", b"new model")
 
     decision = promote(
-        rule, write_metrics(tmp_path / "m2.json", 0.88), tmp_path / "models", tmp_path / "best"
+        rule, write_metrics(tmp_path / "m2", 0.88), tmp_path / "models", tmp_path / "best"
     )
 
     assert decision.promoted
@@ -144,12 +125,13 @@ def test_promotion_of_a_loss_keeps_best_when_new_loss_is_higher(tmp_path: Path) 
     rule = PromotionConfig(metric="log_loss", higher_is_better=False)
     models, best = tmp_path / "models", tmp_path / "best"
     write_model(models, b"old model")
-    (tmp_path / "m1.json").write_text(json.dumps({"transfer_finetuned": {"log_loss": 0.3}}))
-    promote(rule, tmp_path / "m1.json", models, best)
+    for run, loss in (("m1", 0.3), ("m2", 0.4)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "transfer_finetuned.json").write_text(json.dumps({"log_loss": loss}))
+    promote(rule, tmp_path / "m1", models, best)
     write_model(models, b"new model")
-    (tmp_path / "m2.json").write_text(json.dumps({"transfer_finetuned": {"log_loss": 0.4}}))
 
-    decision = promote(rule, tmp_path / "m2.json", models, best)
+    decision = promote(rule, tmp_path / "m2", models, best)
 
     assert not decision.promoted
     assert (best / "model.keras").read_bytes() == b"old model"
@@ -157,7 +139,7 @@ def test_promotion_of_a_loss_keeps_best_when_new_loss_is_higher(tmp_path: Path) 
 
 def test_promotion_names_the_missing_metric_key(tmp_path: Path) -> None:
     write_model(tmp_path / "models", b"model")
-    metrics = write_metrics(tmp_path / "metrics.json", 0.9)
+    metrics = write_metrics(tmp_path / "metrics", 0.9)
 
     with pytest.raises(StageError, match=r"transfer_finetuned\.macro_avg\.f1 not found"):
         promote(
@@ -199,8 +181,8 @@ def flow_project(
     """One full flow run on a fresh tiny project with a local DVC remote."""
     project = make_project(tmp_path_factory.mktemp("flow") / "project")
     remote = tmp_path_factory.mktemp("dvc-remote")
-    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], project)
-    _run(["git", "commit", "-qam", "remote"], project)
+    run_command([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], project)
+    run_command(["git", "commit", "-qam", "remote"], project)
     summary = run_flow(project)
     return project, summary, remote
 
@@ -211,10 +193,10 @@ def test_flow_runs_every_stage_and_evaluates_every_model(
 ) -> None:
     project, summary, _ = flow_project
 
-    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    scored = {p.stem for p in (project / "reports" / "metrics" / "models").glob("*.json")}
 
     assert summary.ran == list(pipeline_flow.STAGES)
-    assert set(MODELS) <= set(metrics)
+    assert set(MODELS) <= scored
 
 
 @pytest.mark.slow
@@ -224,7 +206,7 @@ def test_flow_leaves_dvc_lock_exactly_as_dvc_repro_would(
     project, _, _ = flow_project
     lock_after_flow = (project / "dvc.lock").read_bytes()
 
-    repro = _run([sys.executable, "-m", "dvc", "repro"], project)
+    repro = run_command([sys.executable, "-m", "dvc", "repro"], project)
 
     assert "Running stage" not in repro.stdout
     assert (project / "dvc.lock").read_bytes() == lock_after_flow
@@ -237,8 +219,10 @@ def test_flow_run_is_committed_to_git_and_pushed_to_the_dvc_remote(
 ) -> None:
     project, summary, remote = flow_project
 
-    log = _run(["git", "log", "-1", "--format=%s"], project).stdout
-    dirty = _run(["git", "status", "--porcelain", "--", "dvc.lock", "reports"], project).stdout
+    log = run_command(["git", "log", "-1", "--format=%s"], project).stdout
+    dirty = run_command(
+        ["git", "status", "--porcelain", "--", "dvc.lock", "reports"], project
+    ).stdout
 
     assert summary.commit and log.startswith("crawl2model run ")
     assert dirty == ""
@@ -294,11 +278,11 @@ def test_crawl_task_failing_twice_then_succeeding_is_retried(
         if attempts[task_run.name] == 3:
             blocker.unlink(missing_ok=True)
 
-    pipeline_flow.crawl_shard.on_running_hooks.append(before_attempt)
+    pipeline_flow.crawl_step.on_running_hooks.append(before_attempt)
     try:
         run_flow(project, until="crawl", overrides={"classes": tiny_params()["classes"][:2]})
     finally:
-        pipeline_flow.crawl_shard.on_running_hooks.remove(before_attempt)
+        pipeline_flow.crawl_step.on_running_hooks.remove(before_attempt)
 
     assert max(attempts.values()) == 3  # failed twice, succeeded on the second retry
     rows = (project / "data" / "raw" / "manifest.jsonl").read_text().splitlines()
@@ -314,12 +298,12 @@ def test_crawl_task_failing_on_bad_input_is_not_retried(
     def before_attempt(task: Any, task_run: Any, state: Any) -> None:
         attempts.append(task_run.name)
 
-    pipeline_flow.crawl_shard.on_running_hooks.append(before_attempt)
+    pipeline_flow.crawl_step.on_running_hooks.append(before_attempt)
     try:
         with pytest.raises(StageError, match=r"crawl\.serve_demo_site"):
             run_flow(project, until="crawl", overrides={"crawl.serve_demo_site": "no/such/dir"})
     finally:
-        pipeline_flow.crawl_shard.on_running_hooks.remove(before_attempt)
+        pipeline_flow.crawl_step.on_running_hooks.remove(before_attempt)
 
     assert len(attempts) == len(tiny_params()["classes"])  # one attempt per class, no retries
 
@@ -342,7 +326,7 @@ def test_dask_fan_out_writes_the_same_manifest_as_a_single_process_crawl(
     single = make_project(tmp_path / "single")
     fanned = make_project(tmp_path / "fanned")
     overrides = {"flow.crawl_host_shards": 2}
-    _run([sys.executable, "-m", "pipeline", "crawl"], single)
+    run_command([sys.executable, "-m", "pipeline", "crawl"], single)
 
     dask_flow = pipeline_flow.with_dask(pipeline_flow.crawl2model, workers=2)
     with contextlib.chdir(fanned):

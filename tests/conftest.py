@@ -1,0 +1,37 @@
+"""Shared test helpers: running a command the way a user would, and the tiny demo params."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_command(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` in ``cwd`` with this interpreter's ``python``/``dvc`` first on PATH; fail
+    the test with its output when it exits non-zero."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def tiny_params(images_per_class: int = 16) -> dict[str, Any]:
+    """The shipped params shrunk to seconds: few images, 32 px, 1 epoch, instant retries."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["crawl"]["max_images_per_class"] = images_per_class
+    params["train"]["fit"]["image_size"] = 32
+    params["train"]["fit"]["batch_size"] = 16
+    params["train"]["baseline"]["epochs"] = 1
+    params["train"]["transfer"]["feature_epochs"] = 1
+    params["train"]["transfer"]["fine_tune_epochs"] = 1
+    params.setdefault("flow", {}).update(crawl_retries=2, crawl_retry_backoff_s=0)
+    return params
