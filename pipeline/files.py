@@ -10,13 +10,25 @@ import contextlib
 import csv
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def _create_temp(directory: Path, prefix: str, suffix: str) -> Path:
+    """Create an empty, new temp file in ``directory``. Mode 0o666 filtered by the process's
+    umask, as open() would give (mkstemp's 0600 would need the umask, which can only be read by
+    changing it process-wide)."""
+    for _ in range(100):
+        candidate = directory / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"{directory}: could not create a unique temp file for {prefix}")
 
 
 @contextlib.contextmanager
@@ -29,14 +41,9 @@ def atomic_path(path: Path | str, suffix: str | None = None) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix if suffix is None else suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_temp(path.parent, f".{path.name}.", suffix)
     try:
         yield tmp
-        # mkstemp makes 0600 files; give the result the permissions open() would have.
-        if tmp.exists():
-            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
