@@ -70,9 +70,8 @@ def main() -> int:
         verdict = "yes" if passed else "NO"
         print(f"{name:32} {seconds:9.2f} {limit:7.0f} {seconds / limit:7.3f}  {verdict}")
     print(f"no-op rerun / full run = {noop_s / full_s:.4f}")
-    metrics = clone / "reports" / "metrics.json"
-    if metrics.exists():
-        print(metrics.read_text())
+    for metrics in sorted((clone / "reports" / "metrics" / "models").glob("*.json")):
+        print(f"{metrics.stem}: {metrics.read_text().strip()}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import stages
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-STAGES = ("crawl", "clean", "split", "augment", "train-baseline", "train-transfer", "evaluate")
+STAGES = stages.NAMES
 
 
 def sh(args: list[str], cwd: Path) -> float:
@@ -52,7 +54,7 @@ def tiny_project(where: Path) -> Path:
             shutil.copy2(source, where / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["crawl"]["max_images_per_class"] = 16
-    params["train"].update(image_size=32, batch_size=16)
+    params["train"]["fit"].update(image_size=32, batch_size=16)
     params["train"]["baseline"]["epochs"] = 1
     params["train"]["transfer"].update(feature_epochs=1, fine_tune_epochs=1)
     (where / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
