@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
-from pipeline.clean import clean, hamming_pairs, hashes_to_bits
+from pipeline.clean import CleanSummary, clean, hamming_pairs, hashes_to_bits
 from pipeline.config import CleanConfig, ParamsError, StageError, parse_params
 from pipeline.files import read_csv, read_jsonl
 
@@ -189,6 +190,53 @@ def test_decompression_bomb_is_removed(tmp_path: Path, side: int) -> None:
     _, out = run(tmp_path, files, CleanConfig(workers=1, max_image_pixels=1_000_000))
 
     assert removed_reasons(out) == {"cat/bomb.png": "decompression_bomb"}
+
+
+def test_decompression_bomb_detail_quotes_the_configured_limit(tmp_path: Path) -> None:
+    bomb = encode(Image.new("L", (1200, 1200), 0))
+    files = [("cat", "good.png", encode(photo(8))), ("cat", "bomb.png", bomb)]
+
+    _, out = run(tmp_path, files, CleanConfig(workers=1, max_image_pixels=1_000_000))
+
+    (row,) = read_jsonl(out / "removed.jsonl")
+    assert row["reason"] == "decompression_bomb"
+    assert "1440000 > clean.max_image_pixels 1000000" in row["detail"]
+
+
+def test_clean_leaves_the_callers_pillow_settings_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12_345_678)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    files = [("cat", "good.png", encode(photo(7))), ("cat", "truncated.jpg", truncated_jpeg())]
+
+    run(tmp_path, files, CleanConfig(workers=1, max_image_pixels=1_000_000))
+
+    assert Image.MAX_IMAGE_PIXELS == 12_345_678
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_truncated_file_is_corrupt_even_if_the_caller_lets_pillow_load_truncated_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    files = [("cat", "good.png", encode(photo(7))), ("cat", "truncated.jpg", truncated_jpeg())]
+
+    _, out = run(tmp_path, files)
+
+    assert removed_reasons(out) == {"cat/truncated.jpg": "corrupt"}
+
+
+def test_pixel_limit_is_clean_max_image_pixels_not_pillows_global(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [("cat", "a.png", encode(photo(1))), ("cat", "b.png", encode(photo(2)))]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # Pillow alone would refuse 128²
+
+    summary, out = run(tmp_path, files)
+
+    assert summary.kept == 2
+    assert read_jsonl(out / "removed.jsonl") == []
 
 
 # ------------------------------------------------------------------------------------------
@@ -442,6 +490,21 @@ def test_rerun_after_kill_reuses_finished_analyses_and_gives_the_same_result(
     assert (out / "manifest.jsonl").read_text() == first
 
 
+def test_rerun_with_a_new_per_image_param_reanalyses_but_a_dedupe_param_does_not(
+    tmp_path: Path,
+) -> None:
+    files = [("cat", f"{n}.png", encode(photo(n))) for n in range(30, 33)]
+    raw = make_raw(tmp_path, files)
+    out, report = tmp_path / "clean", tmp_path / "report.json"
+    clean(FAST, raw, out, report)
+
+    dedupe_only = clean(CleanConfig(workers=1, near_dup_max_distance=10), raw, out, report)
+    per_image = clean(CleanConfig(workers=1, max_side=64), raw, out, report)
+
+    assert dedupe_only.reused == 3
+    assert per_image.reused == 0
+
+
 def test_process_pool_gives_the_same_manifest_as_one_process(tmp_path: Path) -> None:
     image = photo(40)
     files = [("cat", f"{n}.png", encode(photo(n))) for n in range(41, 45)]
@@ -487,3 +550,26 @@ def test_hamming_search_finds_exactly_the_brute_force_pairs() -> None:
     i, j, _ = hamming_pairs(hashes_to_bits(hashes), 4)
 
     assert set(zip(i.tolist(), j.tolist(), strict=True)) == expected
+
+
+def test_summary_is_a_frozen_json_serialisable_record_with_a_one_line_str() -> None:
+    summary = CleanSummary(
+        raw=5,
+        kept=3,
+        removed={"corrupt": 1, "near_duplicate": 2},
+        groups=1,
+        classes=2,
+        reused=4,
+        flagged=1,
+    )
+
+    assert json.loads(json.dumps(dataclasses.asdict(summary)))["removed"] == {
+        "corrupt": 1,
+        "near_duplicate": 2,
+    }
+    assert str(summary) == (
+        "kept 3 of 5 images in 2 classes; removed 3 (2 near_duplicate, 1 corrupt); "
+        "1 duplicate groups; 1 flagged in issues.csv; reused 4 analyses from a previous run"
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        summary.kept = 0  # type: ignore[misc]

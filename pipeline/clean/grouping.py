@@ -1,0 +1,295 @@
+"""Grouping: pairs of same-picture images → duplicate groups, who stays, and label conflicts.
+
+Consumes the candidate ``ImageRecord`` list and the matched pairs of every pass (exact
+pixels, pHash, ORB). Produces a ``Grouping``: each image's group id (its representative's
+sha256 prefix), the images kept, a ``Removal`` for each dropped one (exact_duplicate,
+near_duplicate, label_conflict, naming the image it duplicates and the evidence) and a
+``DuplicateGroup`` (a row of groups.jsonl) for every group of two or more.
+
+Within a group the first class in manifest order wins; in it the largest original is the
+representative. A group spanning classes is a label conflict: dropped from every class
+(``label_conflicts: drop``) or kept only in the first (``keep_first``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import breadth_first_order, connected_components
+
+from pipeline.clean.records import EXACT, ImageRecord, Match, Removal
+
+Edge = tuple[int, int]  # (i, j), i < j, indices into the candidate list
+
+
+class MatchedPairs:
+    """Pairs of images found to show the same picture; the first evidence found for a pair
+    is the one reported."""
+
+    def __init__(self) -> None:
+        self.evidence: dict[Edge, Match] = {}
+
+    def add(self, i: int, j: int, match: Match) -> None:
+        self.evidence.setdefault((min(i, j), max(i, j)), match)
+
+    def add_exact(self, records: Sequence[ImageRecord]) -> int:
+        """Join images with identical pixels (chained in order); returns the pairs added."""
+        by_sha: dict[str, list[int]] = defaultdict(list)
+        for index, record in enumerate(records):
+            by_sha[record.image.sha256].append(index)
+        before = len(self.evidence)
+        for indices in by_sha.values():
+            for a, b in itertools.pairwise(indices):
+                self.add(a, b, EXACT)
+        return len(self.evidence) - before
+
+    @property
+    def edges(self) -> list[Edge]:
+        return list(self.evidence)
+
+
+def graph_groups(n: int, edges: Sequence[Edge]) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes."""
+    if not edges:
+        return np.arange(n)
+    i, j = np.array(edges).T
+    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    path: str  # raw path
+    class_name: str
+    sha256: str
+    phash: str
+    kept: bool
+
+
+@dataclass(frozen=True)
+class GroupEdge:
+    a: str  # raw paths
+    b: str
+    match: Match
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """One row of groups.jsonl."""
+
+    group: str
+    classes: tuple[str, ...]
+    label_conflict: bool
+    kept: tuple[str, ...]  # clean paths
+    members: tuple[GroupMember, ...]
+    edges: tuple[GroupEdge, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "classes": list(self.classes),
+            "label_conflict": self.label_conflict,
+            "kept": list(self.kept),
+            "members": [
+                {
+                    "path": m.path,
+                    "class": m.class_name,
+                    "sha256": m.sha256,
+                    "phash": m.phash,
+                    "kept": m.kept,
+                }
+                for m in self.members
+            ],
+            "edges": [{"a": e.a, "b": e.b, **e.match.to_json()} for e in self.edges],
+        }
+
+
+@dataclass
+class Grouping:
+    """What dedupe decided, index by index into the candidate list."""
+
+    group_of: dict[int, str] = field(default_factory=dict)
+    kept: list[int] = field(default_factory=list)  # group by group, ascending in each
+    removals: list[Removal] = field(default_factory=list)
+    groups: list[DuplicateGroup] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GroupPolicy:
+    """``clean.label_conflicts`` and ``clean.near_duplicates``."""
+
+    label_conflicts: Literal["drop", "keep_first"]
+    near_duplicates: Literal["drop", "group"]
+
+
+def resolve_groups(
+    records: Sequence[ImageRecord], pairs: MatchedPairs, policy: GroupPolicy
+) -> Grouping:
+    """Group the records along ``pairs`` and decide, group by group, which members stay."""
+    edges = pairs.edges
+    labels = graph_groups(len(records), edges)
+    members: dict[int, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        members[int(label)].append(index)
+    edges_by_group: dict[int, list[Edge]] = defaultdict(list)
+    for a, b in edges:
+        edges_by_group[int(labels[a])].append((a, b))
+
+    grouping = Grouping()
+    for label, indices in members.items():
+        if len(indices) == 1:
+            grouping.group_of[indices[0]] = records[indices[0]].image.sha256[:16]
+            grouping.kept.append(indices[0])
+        else:
+            group = _Group.of(records, sorted(indices), edges_by_group[label])
+            _resolve_group(records, group, pairs.evidence, policy, grouping)
+    return grouping
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One group of two or more, before its verdicts."""
+
+    indices: list[int]  # ascending
+    edges: list[Edge]
+    classes: tuple[str, ...]  # in manifest order; the first one wins a conflict
+    representative: int
+    parents: dict[int, int]  # member → its neighbour on the way to the representative
+
+    @classmethod
+    def of(cls, records: Sequence[ImageRecord], indices: list[int], edges: list[Edge]) -> _Group:
+        classes = tuple(dict.fromkeys(records[i].class_name for i in indices))
+        # Manifest order decides "first"; within a class the largest original is the one kept.
+        representative = max(
+            (i for i in indices if records[i].class_name == classes[0]),
+            key=lambda i: (records[i].area, -i),
+        )
+        parents = _spanning_parents(representative, indices, edges)
+        return cls(indices, edges, classes, representative, parents)
+
+    @property
+    def conflict(self) -> bool:
+        return len(self.classes) > 1
+
+
+def _resolve_group(
+    records: Sequence[ImageRecord],
+    group: _Group,
+    evidence: dict[Edge, Match],
+    policy: GroupPolicy,
+    grouping: Grouping,
+) -> None:
+    """Decide which members of one duplicate group stay; record it all in ``grouping``."""
+    group_id = records[group.representative].image.sha256[:16]
+    kept: dict[str, int] = {records[group.representative].image.sha256: group.representative}
+    for index in group.indices:
+        grouping.group_of[index] = group_id
+        reason, twin, match = _verdict(records, group, index, kept, evidence, policy)
+        if reason is None:
+            continue
+        record = records[index]
+        if reason == "label_conflict":
+            detail = f"the same picture was crawled for {', '.join(group.classes)}"
+            removal = Removal(
+                record.path,
+                record.class_name,
+                reason,
+                detail=detail,
+                classes=group.classes,
+                group=group_id,
+            )
+        else:
+            shown = twin if reason == "exact_duplicate" else group.representative
+            removal = Removal(
+                record.path,
+                record.class_name,
+                reason,
+                group=group_id,
+                dup_of=records[twin].path,
+                kept=records[shown].image.clean_path,
+                match=match,
+            )
+        grouping.removals.append(removal)
+    dropped_all = group.conflict and policy.label_conflicts == "drop"
+    kept_indices = set() if dropped_all else set(kept.values())
+    grouping.kept.extend(sorted(kept_indices))
+    grouping.groups.append(_group_row(records, group, group_id, kept_indices, evidence))
+
+
+def _verdict(
+    records: Sequence[ImageRecord],
+    group: _Group,
+    index: int,
+    kept: dict[str, int],
+    evidence: dict[Edge, Match],
+    policy: GroupPolicy,
+) -> tuple[str | None, int, Match | None]:
+    """(removal reason or None, the member it duplicates, the evidence) for one member.
+
+    A member kept under ``near_duplicates: group`` is added to ``kept`` (by sha256).
+    """
+    record = records[index]
+    if group.conflict and (
+        policy.label_conflicts == "drop" or record.class_name != group.classes[0]
+    ):
+        return "label_conflict", index, None
+    if index == group.representative:
+        return None, index, None
+    twin = kept.get(record.image.sha256)
+    if twin is not None:
+        return "exact_duplicate", twin, EXACT
+    if policy.near_duplicates == "group":
+        kept[record.image.sha256] = index
+        return None, index, None
+    parent = group.parents[index]
+    return "near_duplicate", parent, evidence[(min(index, parent), max(index, parent))]
+
+
+def _group_row(
+    records: Sequence[ImageRecord],
+    group: _Group,
+    group_id: str,
+    kept: set[int],
+    evidence: dict[Edge, Match],
+) -> DuplicateGroup:
+    members = []
+    for i in group.indices:
+        record = records[i]
+        members.append(
+            GroupMember(
+                record.path, record.class_name, record.image.sha256, record.image.phash, i in kept
+            )
+        )
+    return DuplicateGroup(
+        group=group_id,
+        classes=group.classes,
+        label_conflict=group.conflict,
+        kept=tuple(sorted(records[i].image.clean_path for i in kept)),
+        members=tuple(members),
+        edges=tuple(
+            GroupEdge(records[a].path, records[b].path, evidence[(a, b)])
+            for a, b in sorted(group.edges)
+        ),
+    )
+
+
+def _spanning_parents(root: int, indices: list[int], edges: list[Edge]) -> dict[int, int]:
+    """Each member's neighbour on the way to ``root``: the link that explains its removal."""
+    position = {index: n for n, index in enumerate(indices)}
+    rows = [position[a] for a, _ in edges] + [position[b] for _, b in edges]
+    cols = [position[b] for _, b in edges] + [position[a] for a, _ in edges]
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(indices), len(indices)))
+    _, predecessors = breadth_first_order(
+        graph.tocsr(), position[root], directed=False, return_predecessors=True
+    )
+    return {
+        index: indices[predecessors[position[index]]]
+        for index in indices
+        if index != root and predecessors[position[index]] >= 0
+    }
