@@ -165,8 +165,11 @@ def promote_task(root: str, cfg: FlowConfig, name: str) -> Promotion:
 
 
 @task(name="record-run", **NO_RESULT_CACHE)
-def record_run(root: str, cfg: FlowConfig, message: str) -> tuple[str | None, bool]:
-    """End the run: git commit of dvc.lock, params and metrics; ``dvc push`` to the remote.
+def record_run(
+    root: str, cfg: FlowConfig, message: str, before: dict[str, str]
+) -> tuple[str | None, bool]:
+    """End the run: git commit of exactly what the run changed since ``before`` (dvc.lock,
+    metrics, plots, promoted models' .dvc files); ``dvc push`` to the remote.
 
     Returns (commit hash or None, pushed).
     """
@@ -177,7 +180,7 @@ def record_run(root: str, cfg: FlowConfig, message: str) -> tuple[str | None, bo
         logger.warning(f"DVC still reports changes after the run: {sorted(stale)}")
     commit = None
     if cfg.git_commit and versioning.in_git_repo(root_path):
-        commit = versioning.git_commit_run(root_path, message)
+        commit = versioning.git_commit_run(root_path, message, before)
         logger.info(f"git: committed {commit}" if commit else "git: nothing new to commit")
     pushed = False
     if cfg.dvc_push:
@@ -276,6 +279,8 @@ def crawl2model(
         raise StageError(f"{root}: no dvc.yaml here; run the flow from the project root")
     if until is not None and until not in STAGES:
         raise ParamsError(f"until: {until!r} is not a stage ({', '.join(STAGES)})")
+    # What git keeps, before this run touches anything: the run commits only what differs.
+    before = versioning.snapshot(root) if versioning.in_git_repo(root) else {}
     cfg = write_params(root, Path(params_file), overrides)
     last = STAGES.index(until) if until else len(STAGES) - 1
     summary = FlowSummary()
@@ -294,7 +299,7 @@ def crawl2model(
     message = f"crawl2model run {name}: ran {', '.join(summary.ran) or 'nothing'}"
     if summary.promotion is not None:
         message += f"\n\n{summary.promotion}"
-    summary.commit, summary.pushed = record_run(str(root), cfg.flow, message)
+    summary.commit, summary.pushed = record_run(str(root), cfg.flow, message, before)
     summary.elapsed_s = time.monotonic() - started
     logger.info(f"crawl2model: {summary}")
     return summary

@@ -12,6 +12,7 @@ with nothing changed therefore imports DVC once instead of starting seven DVC pr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import sys
@@ -143,39 +144,72 @@ def in_git_repo(root: Path) -> bool:
     return result.returncode == 0 and Path(result.stdout.strip()).resolve() == root.resolve()
 
 
-def run_record_paths(root: Path) -> list[str]:
-    """Files a run changes that git (not the DVC cache) keeps: dvc.lock, params.yaml, the
-    ``cache: false`` metrics and plots, *.dvc files and the .gitignore entries DVC writes."""
+def _record_candidates(root: Path) -> list[Path]:
+    """Files a run may change that git (not the DVC cache) keeps: dvc.lock, params.yaml, the
+    ``cache: false`` outs (metrics, plots, reports; folders expanded), every ``*.dvc`` file and
+    the .gitignore files DVC writes beside them."""
     with open_repo(root) as repo:
-        git_kept = {
-            str(Path(out.fs_path).relative_to(root.resolve()))
-            for out in repo.index.outs
-            if not out.use_cache
-        }
-    # Changed or new *.dvc and .gitignore files; git skips ignored folders such as .venv.
+        git_kept = [Path(out.fs_path) for out in repo.index.outs if not out.use_cache]
+    found: list[Path] = [root / "dvc.lock", root / "params.yaml"]
+    for path in git_kept:
+        found += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    # Tracked or new (not ignored) *.dvc and .gitignore files; git skips ignored folders such
+    # as .venv and the DVC-tracked data.
     listed = _git(
         root,
         "ls-files",
         "-z",
-        "--modified",
+        "--cached",
         "--others",
         "--exclude-standard",
         "--",
         "*.dvc",
         "*.gitignore",
     ).stdout
-    names = {"dvc.lock", "params.yaml", *git_kept, *filter(None, listed.split("\0"))}
-    return sorted(n for n in names if (root / n).exists())
+    found += [root / name for name in filter(None, listed.split("\0"))]
+    return found
 
 
-def git_commit_run(root: Path, message: str) -> str | None:
-    """Commit the run's record (see run_record_paths) and nothing else the user has staged.
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file a run may commit (see ``_record_candidates``), by relative path.
 
-    Returns the new commit's short hash, or None when nothing changed. Raises StageError when
-    git refuses (e.g. no user.email configured).
+    Taken before and after a run, the difference is exactly what the run produced."""
+    root = root.resolve()
+    digests: dict[str, str] = {}
+    for path in _record_candidates(root):
+        if path.is_file():
+            digests[path.relative_to(root).as_posix()] = hashlib.sha256(
+                path.read_bytes()
+            ).hexdigest()
+    return digests
+
+
+def run_record_paths(root: Path, before: dict[str, str]) -> list[str]:
+    """What this run produced: the record files whose content changed since ``before``.
+
+    params.yaml counts when the run wrote it (overrides) or when dvc.lock changed and params.yaml
+    differs from HEAD: the lock file records the params it ran with, so they belong together.
     """
-    paths = run_record_paths(root)
-    _git(root, "add", "--", *paths)
+    after = snapshot(root)
+    changed = sorted(
+        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+    )
+    if "dvc.lock" in changed and "params.yaml" not in changed:
+        differs = _git(root, "diff", "--quiet", "HEAD", "--", "params.yaml", check=False)
+        if differs.returncode != 0:
+            changed.append("params.yaml")
+    return changed
+
+
+def git_commit_run(root: Path, message: str, before: dict[str, str]) -> str | None:
+    """Commit exactly what the run produced (see run_record_paths), nothing the user changed or
+    staged before it. Returns the new commit's short hash, or None when the run changed nothing.
+    Raises StageError when git refuses (e.g. no user.email configured)."""
+    paths = run_record_paths(root, before)
+    if not paths:
+        return None
+    # -A also records files the run deleted; the pathspec limits it to the run's files.
+    _git(root, "add", "-A", "--", *paths)
     staged = _git(root, "diff", "--cached", "--quiet", "--", *paths, check=False)
     if staged.returncode == 0:
         return None
