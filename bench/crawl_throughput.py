@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from httpservers import LocalServer, png_bytes  # noqa: E402
 
 from pipeline.config import CrawlConfig  # noqa: E402
-from pipeline.crawl import StateLog, crawl  # noqa: E402
+from pipeline.crawl import crawl  # noqa: E402
+from pipeline.crawl.state import StateLog  # noqa: E402
 from pipeline.files import append_jsonl, read_jsonl  # noqa: E402
 
 

@@ -17,14 +17,10 @@ import pytest
 from httpservers import LocalServer, Reply, html_page, png_bytes
 
 from pipeline.config import CrawlConfig, StageError, parse_params
-from pipeline.crawl import (
-    StateLog,
-    crawl,
-    discover,
-    largest_from_srcset,
-    merge_shards,
-    x_robots_opt_outs,
-)
+from pipeline.crawl import crawl, discover, merge_shards
+from pipeline.crawl.politeness import x_robots_opt_outs
+from pipeline.crawl.sources.pages import largest_from_srcset
+from pipeline.crawl.state import StateLog
 from pipeline.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
