@@ -160,6 +160,7 @@ class _Group:
     edges: list[Edge]
     classes: tuple[str, ...]  # in manifest order; the first one wins a conflict
     representative: int
+    group_id: str  # the representative's sha256 prefix
     parents: dict[int, int]  # member → its neighbour on the way to the representative
 
     @classmethod
@@ -170,8 +171,9 @@ class _Group:
             (i for i in indices if records[i].class_name == classes[0]),
             key=lambda i: (records[i].area, -i),
         )
+        group_id = records[representative].image.sha256[:16]
         parents = _spanning_parents(representative, indices, edges)
-        return cls(indices, edges, classes, representative, parents)
+        return cls(indices, edges, classes, representative, group_id, parents)
 
     @property
     def conflict(self) -> bool:
@@ -186,75 +188,72 @@ def _resolve_group(
     grouping: Grouping,
 ) -> None:
     """Decide which members of one duplicate group stay; record it all in ``grouping``."""
-    group_id = records[group.representative].image.sha256[:16]
     kept: dict[str, int] = {records[group.representative].image.sha256: group.representative}
     for index in group.indices:
-        grouping.group_of[index] = group_id
-        reason, twin, match = _verdict(records, group, index, kept, evidence, policy)
-        if reason is None:
-            continue
-        record = records[index]
-        if reason == "label_conflict":
-            detail = f"the same picture was crawled for {', '.join(group.classes)}"
-            removal = Removal(
-                record.path,
-                record.class_name,
-                reason,
-                detail=detail,
-                classes=group.classes,
-                group=group_id,
-            )
-        else:
-            shown = twin if reason == "exact_duplicate" else group.representative
-            removal = Removal(
-                record.path,
-                record.class_name,
-                reason,
-                group=group_id,
-                dup_of=records[twin].path,
-                kept=records[shown].image.clean_path,
-                match=match,
-            )
-        grouping.removals.append(removal)
+        grouping.group_of[index] = group.group_id
+        removal = _removal(records, group, index, kept, evidence, policy)
+        if removal is not None:
+            grouping.removals.append(removal)
     dropped_all = group.conflict and policy.label_conflicts == "drop"
     kept_indices = set() if dropped_all else set(kept.values())
     grouping.kept.extend(sorted(kept_indices))
-    grouping.groups.append(_group_row(records, group, group_id, kept_indices, evidence))
+    grouping.groups.append(_group_row(records, group, kept_indices, evidence))
 
 
-def _verdict(
+def _removal(
     records: Sequence[ImageRecord],
     group: _Group,
     index: int,
     kept: dict[str, int],
     evidence: dict[Edge, Match],
     policy: GroupPolicy,
-) -> tuple[str | None, int, Match | None]:
-    """(removal reason or None, the member it duplicates, the evidence) for one member.
-
-    A member kept under ``near_duplicates: group`` is added to ``kept`` (by sha256).
-    """
+) -> Removal | None:
+    """Why member ``index`` goes, or None when it stays (under ``near_duplicates: group`` it
+    is then added to ``kept``, by sha256, so its exact twins still go)."""
     record = records[index]
     if group.conflict and (
         policy.label_conflicts == "drop" or record.class_name != group.classes[0]
     ):
-        return "label_conflict", index, None
+        detail = f"the same picture was crawled for {', '.join(group.classes)}"
+        return Removal(
+            record.path,
+            record.class_name,
+            "label_conflict",
+            detail=detail,
+            classes=group.classes,
+            group=group.group_id,
+        )
     if index == group.representative:
-        return None, index, None
+        return None
     twin = kept.get(record.image.sha256)
     if twin is not None:
-        return "exact_duplicate", twin, EXACT
+        return Removal(
+            record.path,
+            record.class_name,
+            "exact_duplicate",
+            group=group.group_id,
+            dup_of=records[twin].path,
+            kept=records[twin].image.clean_path,
+            match=EXACT,
+        )
     if policy.near_duplicates == "group":
         kept[record.image.sha256] = index
-        return None, index, None
+        return None
     parent = group.parents[index]
-    return "near_duplicate", parent, evidence[(min(index, parent), max(index, parent))]
+    return Removal(
+        record.path,
+        record.class_name,
+        "near_duplicate",
+        group=group.group_id,
+        dup_of=records[parent].path,
+        kept=records[group.representative].image.clean_path,
+        match=evidence[(min(index, parent), max(index, parent))],
+    )
 
 
 def _group_row(
     records: Sequence[ImageRecord],
     group: _Group,
-    group_id: str,
     kept: set[int],
     evidence: dict[Edge, Match],
 ) -> DuplicateGroup:
@@ -267,7 +266,7 @@ def _group_row(
             )
         )
     return DuplicateGroup(
-        group=group_id,
+        group=group.group_id,
         classes=group.classes,
         label_conflict=group.conflict,
         kept=tuple(sorted(records[i].image.clean_path for i in kept)),
