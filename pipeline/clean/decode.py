@@ -137,7 +137,11 @@ def decode(raw_file: Path, settings: DecodeSettings) -> tuple[Image.Image, int, 
             try:
                 return _load(opened)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                raise _too_many_pixels(width, height, limit) from None
+                detail = (
+                    f"too_many_pixels: a frame or tile of the {width}x{height} image is over "
+                    f"clean.max_image_pixels {limit}"
+                )
+                raise Rejected("decompression_bomb", detail) from None
     except UnidentifiedImageError:
         raise Rejected("not_an_image", "Pillow cannot identify the file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
