@@ -6,12 +6,15 @@ repository, one commit per run. Nothing here decides what is stale or computes a
 computes: DVC decides (see flows/versioning.py), the stage functions compute, and the flow adds
 a schedule, retries, logs, fan-out and the run record.
 
-- crawl: mapped tasks, one per class (× ``flow.crawl_host_shards`` host shards), with Prefect
-  retries and exponential backoff; each shard writes its own state files and ``merge_shards``
-  writes the one manifest; ``dvc commit crawl`` then records it in dvc.lock. On a Dask cluster
-  (``DaskTaskRunner``) the shards run on the workers.
+- crawl: the crawl package's plan (``pipeline.crawl.plan``: discovery jobs, then fetch jobs per
+  class × ``flow.crawl_host_shards`` host shards) mapped onto tasks with Prefect retries and
+  exponential backoff; each job runs through the stage registry exactly as ``python -m pipeline
+  crawl --discover/--shard I/N --class C`` would, then ``crawl --merge`` writes the one manifest
+  and ``dvc commit crawl`` records it in dvc.lock. On a Dask cluster (``DaskTaskRunner``) the
+  jobs run on the workers.
 - every later stage: ``dvc repro --single-item <stage>`` when DVC says it is stale, no retries
-  (they are deterministic: a retry would fail the same way).
+  (they are deterministic: a retry would fail the same way); its one-line summary comes from the
+  summary file the stage writes (``reports/summaries/<stage>.json``), never from its stdout.
 - promotion into models/best/, then git commit of dvc.lock/params/metrics and ``dvc push``.
 
 Prefect result caching stays off for every task (``NO_CACHE``): Prefect would cache on argument
@@ -47,6 +50,8 @@ from pipeline.config import (
     StageError,
     load_params,
 )
+from pipeline.crawl import DiscoveryJob, FetchJob
+from pipeline.crawl import plan as crawl_plan
 
 BEST = paths.MODELS / "best"
 NO_RESULT_CACHE: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -104,13 +109,14 @@ def transient_only(task: Any, task_run: Any, state: State) -> bool:
 
 
 @task(name="crawl-step", retry_condition_fn=transient_only, **NO_RESULT_CACHE)
-def crawl_step(root: str, job: CrawlJob) -> str:
+def crawl_step(root: str, job: DiscoveryJob | FetchJob) -> str:
     """One step of the crawl plan (discover a class, or fetch one class's host shard), run
     through the stage registry exactly as ``python -m pipeline crawl --discover/--shard`` runs
     it. Returns the step's one-line summary."""
     with _in_project(Path(root)):
-        summary = stages.run_stage("crawl", load_params(DEFAULT_PARAMS), job.options())
-    text = str(summary)
+        options = stages.crawl_job_options(job)
+        summary = stages.run_stage("crawl", load_params(DEFAULT_PARAMS), options)
+    text = f"{summary} candidate images" if isinstance(summary, int) else str(summary)
     get_run_logger().info(f"crawl {job}: {text}")
     return text
 
@@ -242,7 +248,9 @@ def _crawl(root: Path, cfg: StageConfigs, force: bool, summary: FlowSummary) -> 
     # The plan (which classes and host shards, and which step walks the sources again on a
     # forced crawl) is the crawl package's; the flow only maps it onto tasks, wave by wave.
     plan = crawl_plan(cfg.class_names, cfg.flow.crawl_host_shards, refresh=force)
-    for wave in plan.waves:
+    for wave in (plan.discovery, plan.fetch):
+        if not wave:
+            continue
         futures = crawl_step.with_options(**retry).map(unmapped(str(root)), list(wave))
         wait(list(futures))
         for future in futures:

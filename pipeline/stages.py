@@ -61,6 +61,17 @@ class Stage:
         return paths.STAGE_METRICS / f"{self.name}.json" if self.headline else None
 
 
+def crawl_job_options(job: Any) -> StageOptions:
+    """The CLI options that run one job of a crawl plan (``pipeline.crawl.plan``): a
+    DiscoveryJob is ``crawl --discover --class C``, a FetchJob ``crawl --shard I/N --class C``."""
+    from pipeline.crawl import DiscoveryJob
+
+    if isinstance(job, DiscoveryJob):
+        return StageOptions(job.refresh, (job.class_name,), "discover")
+    shard = str(job.host_shard) if job.host_shard is not None else None
+    return StageOptions(job.refresh, (job.class_name,), "fetch", shard)
+
+
 # --- how each stage is called -----------------------------------------------------------------
 
 
@@ -164,6 +175,11 @@ TRANSFER_OUT = (
     paths.MODELS / "transfer_finetuned.json",
 )
 
+def _curves(name: str) -> tuple[Path, Path]:
+    """DVCLive's files for one trainer: the last epoch's numbers and the per-epoch curves."""
+    return paths.DVCLIVE / name / "metrics.json", paths.DVCLIVE / name / "plots" / "metrics"
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "crawl",
@@ -206,7 +222,7 @@ STAGES: tuple[Stage, ...] = (
         "pipeline.train",
         ("seed", "augment.mode", "augment.copies", "augment.transforms", "train.fit",
          "train.baseline"),
-        (*MODELS_OUT, paths.DVCLIVE / "baseline"),
+        (*MODELS_OUT, *_curves("baseline")),
         _train_baseline,
     ),
     Stage(
@@ -215,7 +231,7 @@ STAGES: tuple[Stage, ...] = (
         "pipeline.train",
         ("seed", "augment.mode", "augment.copies", "augment.transforms", "train.fit",
          "train.transfer"),
-        (*TRANSFER_OUT, paths.DVCLIVE / "transfer"),
+        (*TRANSFER_OUT, *_curves("transfer")),
         _train_transfer,
     ),
     Stage(
