@@ -44,7 +44,7 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 class ClassConfig(_Section):
-    """One class to learn and where its images live on the web (crawl sources, pipeline/crawl.py).
+    """One class to learn and where its images live on the web (crawl sources, pipeline/crawl/).
 
     Any mix of sources works; at least one is required. URLs may start with "{demo}", the base URL
     of the bundled demo site when crawl.serve_demo_site is set.
@@ -164,7 +164,7 @@ QualityFlag = Literal["blurry", "dark", "bright", "low_information", "odd_aspect
 
 
 class CleanConfig(_Section):
-    """clean: validation, normalisation, quality flags, duplicate grouping (pipeline/clean.py)."""
+    """clean: validation, normalisation, quality flags, duplicate grouping (pipeline/clean/)."""
 
     # validation and normalisation
     min_width: Annotated[int, Field(ge=1)] = 16
