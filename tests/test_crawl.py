@@ -21,6 +21,7 @@ from pipeline.crawl import crawl, discover, merge_shards
 from pipeline.crawl.politeness import x_robots_opt_outs
 from pipeline.crawl.sources.pages import largest_from_srcset
 from pipeline.crawl.state import StateLog
+from pipeline.crawl.urls import DEFAULT_TRACKING_PARAMS, strip_tracking
 from pipeline.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +133,32 @@ def test_pages_yield_srcset_relative_and_linked_images_each_fetched_once(tmp_pat
         assert server.hits("/site/img/small.png") == 0
         assert server.hits("/site/img/linked.png") == 1
         assert server.hits("/site/sub/page.html") == 1
+
+
+def test_decorated_image_link_is_fetched_once_under_its_plain_url(tmp_path: Path) -> None:
+    with LocalServer() as server:
+        server.add("/img/a.png", png_bytes(seed=1))
+        server.add(
+            "/g/index.html",
+            html_page('<a href="/img/a.png?utm_source=x#frag">big</a><img src="/img/a.png">'),
+        )
+        rows, report = run(
+            config([{"name": "c", "seeds": [f"{server.url}/g/index.html"]}]), tmp_path
+        )
+        assert [r["url"] for r in rows] == [f"{server.url}/img/a.png"]
+        assert server.hits("/img/a.png") == 1
+        assert server.hits("/img/a.png?utm_source=x") == 0
+        assert report["classes"]["c"]["duplicates"] == 0
+
+
+def test_tracking_parameters_and_fragments_are_stripped_others_kept() -> None:
+    url = "http://x.org/a.png?v=2&utm_source=news&fbclid=1#top"
+    assert strip_tracking(url, DEFAULT_TRACKING_PARAMS) == "http://x.org/a.png?v=2"
+    assert strip_tracking(url, ["v"]) == "http://x.org/a.png?utm_source=news&fbclid=1"
+    assert strip_tracking("{demo}/a.png?ref=home", DEFAULT_TRACKING_PARAMS) == "{demo}/a.png"
+    assert strip_tracking("http://x.org/a.png?b=1&a=2", DEFAULT_TRACKING_PARAMS) == (
+        "http://x.org/a.png?b=1&a=2"
+    )
 
 
 def test_links_are_followed_only_to_max_depth(tmp_path: Path) -> None:
@@ -290,6 +317,28 @@ def test_wrong_content_type_and_non_image_bodies_are_refused(tmp_path: Path) -> 
         assert rows == []
         assert failures(report) == {"content_type": 1, "not_an_image": 1}
         assert list((tmp_path / "raw").glob("c/*")) == []
+
+
+def test_report_lists_each_failed_url_with_what_came_back(tmp_path: Path) -> None:
+    with LocalServer() as server:
+        server.add("/g/page.jpg", Reply(200, html_page("oops"), content_type="text/html"))
+        png = png_bytes(seed=1)
+        server.add("/g/cut.png", Reply(200, png[: len(png) // 2], content_type="image/png"))
+        server.add("/g/index.html", html_page('<img src="page.jpg"><img src="cut.png">'))
+        server.add("/g/more.html", html_page('<img src="gone.png">'))
+        seeds = [f"{server.url}/g/index.html", f"{server.url}/g/more.html"]
+        rows, report = run(config([{"name": "c", "seeds": seeds}]), tmp_path)
+        assert rows == []
+        assert report["failed_urls"] == [
+            {"url": f"{server.url}/g/page.jpg", "class": "c", "reason": "content_type: text/html"},
+            {
+                "url": f"{server.url}/g/cut.png",
+                "class": "c",
+                "reason": "not_an_image: truncated PNG",
+            },
+            {"url": f"{server.url}/g/gone.png", "class": "c", "reason": "http_404"},
+        ]
+        assert report["failed"] == {"content_type": 1, "http_404": 1, "not_an_image": 1}
 
 
 def test_truncated_body_is_retried_then_refused(tmp_path: Path) -> None:
@@ -654,6 +703,20 @@ def test_summary_line_names_classes_without_images(tmp_path: Path) -> None:
         summary = crawl(cfg, tmp_path / "raw", tmp_path / "r.json", progress=False)
         assert "1 images saved (full 1, empty 0)" in str(summary)
         assert "NO IMAGES for empty" in str(summary)
+
+
+def test_summary_line_counts_duplicate_downloads(tmp_path: Path) -> None:
+    with LocalServer() as server:
+        same = png_bytes(seed=1)
+        seed = gallery(server, {"a.png": same, "copy.png": same, "b.png": png_bytes(seed=2)})
+        summary = crawl(
+            config([{"name": "c", "seeds": [seed]}]),
+            tmp_path / "raw",
+            tmp_path / "r.json",
+            progress=False,
+        )
+        assert summary.duplicates == 1
+        assert "2 images saved (c 2) from 1 pages; 1 duplicate downloads discarded;" in str(summary)
 
 
 def test_missing_demo_site_names_the_params_key(tmp_path: Path) -> None:
