@@ -138,7 +138,13 @@ class Discovery:
             return None
         return record
 
-    def record(self, key: str, outcome: Outcome, items: Any = None, payload: Any = None) -> None:
+    def record(
+        self,
+        key: str,
+        outcome: Outcome,
+        items: tuple[PageItem, ...] | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
         page = PageRecord(
             key=key,
             ok=outcome.kind == "done",
@@ -249,7 +255,12 @@ class Discovery:
         return best
 
     def offer_image(
-        self, offer: Offer, klass: ClassConfig, image: SourceImage, source: str, order: tuple
+        self,
+        offer: Offer,
+        klass: ClassConfig,
+        image: SourceImage,
+        source: str,
+        order: tuple[int, ...],
     ) -> None:
         """Offer a URL list's or an API's image (a live or stored URL) as a candidate."""
         url = normalize_url(self.urls.live(image.url))

@@ -10,7 +10,8 @@ timing or on how the crawl was split into shards.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class ManifestRow:
     fetched_at: str
 
     def to_row(self) -> dict[str, Any]:
-        row = dict(self.__dict__)
+        row = asdict(self)
         row["class"] = row.pop("class_name")
         return row
 
@@ -78,7 +79,7 @@ class ClassSelection:
         }
 
 
-def count_kinds(reasons: Any) -> dict[str, int]:
+def count_kinds(reasons: Iterable[str]) -> dict[str, int]:
     """Failure counts by kind (``content_type: text/html`` counts as ``content_type``)."""
     return dict(sorted(Counter(reason_kind(r) for r in reasons).items()))
 
