@@ -27,4 +27,4 @@ test: install
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check pipeline flows tests bench demo/build_site.py
+	$(BIN)/ruff check pipeline flows tests bench demo/build_site.py plots_template
