@@ -60,9 +60,10 @@ def write_split(root: Path, train_per_class: int = 8, val_per_class: int = 4) ->
     return split_dir
 
 
-def tiny_config(**train: object) -> TrainConfig:
+def tiny_config(fit: dict[str, object] | None = None, **train: object) -> TrainConfig:
     # batch 12 divides every split below: no partial batch, so each tf.function traces once.
-    data: dict[str, object] = {"image_size": 32, "batch_size": 12, "verbose": 0, **train}
+    fit = {"image_size": 32, "batch_size": 12, **(fit or {})}
+    data: dict[str, object] = {"fit": fit, "verbose": 0, **train}
     return TrainConfig.model_validate(data)
 
 
@@ -86,15 +87,33 @@ def test_baseline_saves_model_sidecar_and_training_curves(tmp_path: Path) -> Non
     assert sidecar["class_names"] == sorted(CLASSES)
     assert sidecar["image_size"] == 32 and sidecar["model"] == "baseline"
     assert "tensorflow" in sidecar["versions"]
-    assert [r["step"] for r in _tsv_rows(tmp_path / "dvclive/plots/metrics/val/accuracy.tsv")] == [
-        "0",
-        "1",
-    ]
+    val_accuracy = _tsv_rows(tmp_path / "dvclive/plots/metrics/val/accuracy.tsv")
+    assert [r["step"] for r in val_accuracy] == ["0", "1"]
     metrics = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
     assert metrics["seed"] == cfg.seed and "keras" in metrics["versions"]
-    assert 0.0 <= metrics["baseline"]["val_accuracy"] <= 1.0
+    best = val_accuracy[sidecar["best_epoch"] - 1]["accuracy"]
+    assert (
+        metrics["baseline"]["val_accuracy"] == sidecar["val_accuracy"] == pytest.approx(float(best))
+    )
     assert summary.models[0].epochs == 2
     assert not (tmp_path / "models" / ".backup" / "baseline").exists()
+
+
+def test_sidecar_records_the_settings_the_model_was_trained_with(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
+    cfg = tiny_config(baseline={"epochs": 1, "augment": False}, augment={"copies": 3})
+
+    train_baseline(cfg, split_dir, tmp_path / "models", tmp_path / "dvclive")
+
+    settings = json.loads((tmp_path / "models" / "baseline.json").read_text())["train"]
+    assert settings["seed"] == cfg.seed
+    assert settings["fit"] == cfg.fit.model_dump(mode="json")
+    assert settings["baseline"] == cfg.baseline.model_dump(mode="json")
+    assert settings["augment"]["copies"] == 3
+    assert settings["augment"]["transforms"] == cfg.augment.transforms.model_dump(mode="json")
+    # Only what changes the result: no run-only knobs, preview or the other trainer's section.
+    assert not {"verbose", "cache", "transfer"} & set(settings)
+    assert "preview" not in settings["augment"]
 
 
 def test_baseline_fails_clearly_when_a_split_image_is_missing(tmp_path: Path) -> None:
@@ -146,7 +165,7 @@ def test_offline_augment_mode_without_the_augment_stage_names_the_missing_csv(
 
 def test_killed_baseline_run_resumes_from_its_last_finished_epoch(tmp_path: Path) -> None:
     split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
-    cfg = tiny_config(patience=100, baseline={"epochs": 10, "augment": False})
+    cfg = tiny_config(fit={"patience": 100}, baseline={"epochs": 10, "augment": False})
     history = tmp_path / "models" / ".backup" / "baseline" / "phase1" / "history.csv"
     script = (
         "import sys; from pathlib import Path; from pipeline.config import TrainConfig; "
