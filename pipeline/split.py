@@ -203,6 +203,34 @@ def _assign_class(
     return placed, new, moved
 
 
+def _write_split(
+    ordered: list[Image], assignment: dict[str, str], clean: Path, out: Path
+) -> dict[str, dict[str, int]]:
+    """Write assignment.csv and the split CSVs; return images per split and class."""
+    # The assignment is the state a rerun trusts, so it is written first; the CSVs derive from it.
+    write_csv(
+        out / "assignment.csv",
+        (
+            {"path": i.path, "class": i.label, "group": i.group, "split": assignment[i.path]}
+            for i in ordered
+        ),
+        ASSIGNMENT_FIELDS,
+    )
+    prefix = Path(os.path.relpath(clean, out))
+    for name in SPLITS:
+        rows = [
+            {"path": (prefix / i.path).as_posix(), "class": i.label, "group": i.group}
+            for i in ordered
+            if assignment[i.path] == name
+        ]
+        write_csv(out / f"{name}.csv", rows, SPLIT_FIELDS)
+    per_class: dict[str, dict[str, int]] = {name: {} for name in (*SPLITS, UNUSED)}
+    for i in ordered:
+        split_name = assignment[i.path]
+        per_class[split_name][i.label] = per_class[split_name].get(i.label, 0) + 1
+    return per_class
+
+
 def split(cfg: SplitConfig, clean: Path, out: Path, report: Path) -> SplitSummary:
     """Assign each clean image to train, val or test and write the split CSVs and report.
 
@@ -229,27 +257,7 @@ def split(cfg: SplitConfig, clean: Path, out: Path, report: Path) -> SplitSummar
 
     ordered = sorted(images, key=lambda i: (i.label, i.path))
     redrawn = _record_params(cfg, out) is Resume.WIPED or unreadable
-    # The assignment is the state a rerun trusts, so it is written first; the CSVs derive from it.
-    write_csv(
-        out / "assignment.csv",
-        (
-            {"path": i.path, "class": i.label, "group": i.group, "split": assignment[i.path]}
-            for i in ordered
-        ),
-        ASSIGNMENT_FIELDS,
-    )
-    prefix = Path(os.path.relpath(clean, out))
-    per_class: dict[str, dict[str, int]] = {name: {} for name in (*SPLITS, UNUSED)}
-    for name in SPLITS:
-        rows = [
-            {"path": (prefix / i.path).as_posix(), "class": i.label, "group": i.group}
-            for i in ordered
-            if assignment[i.path] == name
-        ]
-        write_csv(out / f"{name}.csv", rows, SPLIT_FIELDS)
-    for i in ordered:
-        split_name = assignment[i.path]
-        per_class[split_name][i.label] = per_class[split_name].get(i.label, 0) + 1
+    per_class = _write_split(ordered, assignment, clean, out)
     counts = {name: sum(per_class[name].values()) for name in (*SPLITS, UNUSED)}
     kept = sum(1 for i in images if previous.get(i.path) == assignment[i.path])
     atomic_write_json(
