@@ -16,12 +16,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from httpservers import LocalServer, Reply, html_page, png_bytes
 
-from pipeline.config import CrawlConfig, StageError, parse_params
+from pipeline.config import DEFAULT_TRACKING_PARAMS, CrawlConfig, StageError, parse_params
 from pipeline.crawl import crawl, discover, merge_shards
 from pipeline.crawl.politeness import x_robots_opt_outs
 from pipeline.crawl.sources.pages import largest_from_srcset
 from pipeline.crawl.state import StateLog
-from pipeline.crawl.urls import DEFAULT_TRACKING_PARAMS, strip_tracking
+from pipeline.crawl.urls import strip_tracking
 from pipeline.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,6 +149,20 @@ def test_decorated_image_link_is_fetched_once_under_its_plain_url(tmp_path: Path
         assert server.hits("/img/a.png") == 1
         assert server.hits("/img/a.png?utm_source=x") == 0
         assert report["classes"]["c"]["duplicates"] == 0
+
+
+def test_tracking_parameters_come_from_the_config(tmp_path: Path) -> None:
+    with LocalServer() as server:
+        server.add("/img/a.png", png_bytes(seed=1))
+        server.add(
+            "/g/index.html", html_page('<img src="/img/a.png?session=7"><img src="/img/a.png">')
+        )
+        cfg = config(
+            [{"name": "c", "seeds": [f"{server.url}/g/index.html"]}], tracking_params=["session"]
+        )
+        rows, _ = run(cfg, tmp_path)
+        assert [r["url"] for r in rows] == [f"{server.url}/img/a.png"]
+        assert server.hits("/img/a.png") == 1 and server.hits("/img/a.png?session=7") == 0
 
 
 def test_tracking_parameters_and_fragments_are_stripped_others_kept() -> None:

@@ -31,7 +31,7 @@ from pipeline.crawl.sources.url_list import read_url_list
 from pipeline.crawl.sources.wikimedia import WikimediaSettings, parse_wikimedia, wikimedia_params
 from pipeline.crawl.state import Candidate, PageRecord, State
 from pipeline.crawl.transport import FetchFailure, Outcome, Response, header_values, media_type
-from pipeline.crawl.urls import DEFAULT_TRACKING_PARAMS, UrlMap, normalize_url, strip_tracking
+from pipeline.crawl.urls import UrlMap, normalize_url, strip_tracking
 from pipeline.resume import fingerprint
 
 CANDIDATE_FORMAT = 3  # bump when the candidate order or URL form changes: old lists are rebuilt
@@ -62,7 +62,7 @@ class DiscoverySettings:
             user_agent=cfg.user_agent,
             max_bytes=cfg.max_bytes,
             query_sources=tuple(cfg.query_sources),
-            tracking_params=tuple(getattr(cfg, "tracking_params", DEFAULT_TRACKING_PARAMS)),
+            tracking_params=tuple(cfg.tracking_params),
             wikimedia=WikimediaSettings.from_config(cfg),
             openverse=OpenverseSettings.from_config(cfg),
         )

@@ -12,19 +12,6 @@ from dataclasses import dataclass
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 DEMO = "{demo}"
-# crawl.tracking_params' default: query parameters that only say where a click came from
-DEFAULT_TRACKING_PARAMS = (
-    "utm_source",
-    "utm_medium",
-    "utm_campaign",
-    "utm_term",
-    "utm_content",
-    "gclid",
-    "fbclid",
-    "mc_cid",
-    "mc_eid",
-    "ref",
-)
 
 
 @dataclass(frozen=True)
