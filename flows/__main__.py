@@ -92,9 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Prefect's default (20 s) for its temporary server to answer is too short on a busy 2-core
+# machine; a user's own setting wins.
+EPHEMERAL_STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_STARTUP_S = 180
+
+
+def _ephemeral_timeout(exc: BaseException) -> str | None:
+    """A clear message for Prefect's "temporary server did not start" error, else None."""
+    if "ephemeral Prefect API server" not in str(exc):
+        return None
+    waited = os.environ.get(EPHEMERAL_STARTUP_ENV, str(EPHEMERAL_STARTUP_S))
+    return (
+        f"Prefect's temporary server did not answer within {waited} s "
+        f"({EPHEMERAL_STARTUP_ENV}). On a busy machine raise that, or start a server once with "
+        "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault(EPHEMERAL_STARTUP_ENV, str(EPHEMERAL_STARTUP_S))
     overrides = dict(args.overrides)
     try:
         _, cfg = resolve_params(args.params, overrides)
@@ -130,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             schedules=[Cron(cron, timezone=cfg.flow.timezone, parameters={"force_crawl": True})],
             parameters=parameters,
             pause_on_shutdown=False,
+            limit=1,  # one run at a time from this server (the run lock covers every other way)
             description="crawl2model: crawl, clean, split, augment, train, evaluate (DVC-backed)",
             tags=["crawl2model"],
         )
@@ -142,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ParamsError, StageError) as exc:
         print(f"error: flow: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        message = _ephemeral_timeout(exc)
+        if message is None:
+            raise
+        print(f"error: flow: {message}", file=sys.stderr)
         return 1
     print(f"flow: {summary}")
     return 0

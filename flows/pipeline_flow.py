@@ -41,7 +41,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import versioning
 from flows.params import resolve_params, write_params
 from flows.promote import Promotion, promote
-from pipeline import paths, stages
+from pipeline import paths, runlock, stages
 from pipeline.config import (
     DEFAULT_PARAMS,
     FlowConfig,
@@ -215,8 +215,11 @@ class FlowSummary:
     commit: str | None = None
     pushed: bool = False
     elapsed_s: float = 0.0
+    busy: str | None = None  # set when the run was skipped: another run held the project
 
     def __str__(self) -> str:
+        if self.busy is not None:
+            return f"skipped: {self.busy} [{self.elapsed_s:.1f}s]"
         parts = [
             f"ran {', '.join(self.ran) or 'nothing'}",
             f"skipped {len(self.skipped)} unchanged",
@@ -287,6 +290,33 @@ def crawl2model(
         raise StageError(f"{root}: no dvc.yaml here; run the flow from the project root")
     if until is not None and until not in STAGES:
         raise ParamsError(f"until: {until!r} is not a stage ({', '.join(STAGES)})")
+    _, checked = resolve_params(Path(params_file), overrides)  # bad params fail before waiting
+    from prefect.runtime import flow_run
+
+    name = flow_run.name or run_name()
+    wait_s = checked.flow.busy_wait_s if checked.flow.when_busy == "wait" else 0.0
+    try:
+        with runlock.run_lock(root, f"flow run {name}", wait_s=wait_s, check_dvc=True):
+            summary = _run_stages(root, params_file, overrides, force_crawl, until, name)
+    except runlock.ProjectBusy as busy:
+        if checked.flow.when_busy == "wait":
+            raise
+        logger.warning(f"crawl2model: skipped this run (flow.when_busy: skip): {busy}")
+        return FlowSummary(busy=str(busy), elapsed_s=time.monotonic() - started)
+    summary.elapsed_s = time.monotonic() - started
+    logger.info(f"crawl2model: {summary}")
+    return summary
+
+
+def _run_stages(
+    root: Path,
+    params_file: str,
+    overrides: dict[str, Any] | None,
+    force_crawl: bool,
+    until: str | None,
+    name: str,
+) -> FlowSummary:
+    """The run itself, while it holds the project: params, stages, promotion, git record."""
     # What git keeps, before this run touches anything: the run commits only what differs.
     before = versioning.snapshot(root) if versioning.in_git_repo(root) else {}
     cfg = write_params(root, Path(params_file), overrides)
@@ -299,17 +329,12 @@ def crawl2model(
         (summary.ran if result.ran else summary.skipped).append(stage)
         summary.stage_lines.append(str(result))
 
-    from prefect.runtime import flow_run
-
-    name = flow_run.name or run_name()
     if last == len(STAGES) - 1:
         summary.promotion = promote_task(str(root), cfg.flow, name)
     message = f"crawl2model run {name}: ran {', '.join(summary.ran) or 'nothing'}"
     if summary.promotion is not None:
         message += f"\n\n{summary.promotion}"
     summary.commit, summary.pushed = record_run(str(root), cfg.flow, message, before)
-    summary.elapsed_s = time.monotonic() - started
-    logger.info(f"crawl2model: {summary}")
     return summary
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline import paths, stages
 from pipeline.config import DEFAULT_PARAMS, ParamsError, StageError, load_params
+from pipeline.runlock import run_lock
 
 
 def _add_crawl_options(p: argparse.ArgumentParser) -> None:
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     started = time.monotonic()
     try:
-        summary = stages.run_stage(args.stage, cfg, options)
+        with run_lock(Path.cwd(), f"python -m pipeline {args.stage}"):
+            summary = stages.run_stage(args.stage, cfg, options)
     except KeyboardInterrupt:
         print(f"\n{args.stage}: interrupted; rerun to resume", file=sys.stderr)
         return 130

@@ -392,6 +392,8 @@ class FlowConfig(_Section):
     dask_address: str | None = None
     git_commit: bool = True
     dvc_push: bool = True
+    when_busy: Literal["skip", "wait"] = "skip"
+    busy_wait_s: NonNegativeFloat = 600.0
     promote: PromotionConfig = PromotionConfig()
 
 
