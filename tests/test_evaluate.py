@@ -16,7 +16,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from sklearn.metrics import (
     accuracy_score,
@@ -29,6 +28,7 @@ from tinymodels import tiny_convnet
 
 from pipeline.config import EvaluateConfig, StageError
 from pipeline.evaluate import compute_metrics, evaluate
+from pipeline.model_card import Provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["ankle_boot", "sandal", "sneaker"]
@@ -85,13 +85,14 @@ def train_tiny_models(models_dir: Path, names: list[str], data_dir: Path) -> Non
             "seed": 0,
             "weights": "none",
             "versions": {"keras": keras.__version__},
+            "train": {"seed": 7, "fit": {"image_size": IMAGE_SIZE}},
         }
         (models_dir / f"{name}.json").write_text(json.dumps(sidecar))
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project tree: data/{raw,clean,split}, models/ with three tiny models, params.yaml."""
+    """A project tree: data/{raw,clean,split} and models/ with three tiny models."""
     root = tmp_path_factory.mktemp("project")
     data = root / "data"
     rows = write_images(data / "clean", per_class=12)
@@ -108,19 +109,16 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "".join(json.dumps(r) + "\n" for r in clean_rows)
     )
     train_tiny_models(root / "models", MODEL_NAMES, data)
-    (root / "params.yaml").write_text(yaml.safe_dump({"seed": 7, "train": {"image_size": 32}}))
     return root
 
 
 def run_evaluate(project: Path, reports: Path, **overrides: object) -> object:
     cfg = EvaluateConfig(image_size=IMAGE_SIZE, **overrides)
-    return evaluate(
-        cfg,
-        project / "data" / "split",
-        project / "models",
-        reports,
-        params_file=project / "params.yaml",
+    provenance = Provenance(
+        raw_manifest=project / "data" / "raw" / "manifest.jsonl",
+        clean_manifest=project / "data" / "clean" / "manifest.jsonl",
     )
+    return evaluate(cfg, project / "data" / "split", project / "models", reports, provenance)
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +128,20 @@ def reports(project: Path) -> Path:
     return reports
 
 
+def read_metrics(reports: Path) -> dict[str, dict[str, float]]:
+    """The headline metrics, one file per model: {model: {metric: value}}."""
+    folder = reports / "metrics" / "models"
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+
+
 def read_predictions(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
 
 def test_metrics_match_sklearn_recomputed_from_predictions_csv(reports: Path) -> None:
-    metrics = json.loads((reports / "metrics.json").read_text())
+    metrics = read_metrics(reports)
+    evaluation = json.loads((reports / "evaluation.json").read_text())
 
     for name in MODEL_NAMES:
         rows = read_predictions(reports / "predictions" / f"{name}.csv")
@@ -147,13 +152,14 @@ def test_metrics_match_sklearn_recomputed_from_predictions_csv(reports: Path) ->
         p, r, f, s = precision_recall_fscore_support(
             actual, predicted, labels=CLASSES, zero_division=0
         )
-        m = metrics[name]
-        assert m["test_size"] == len(rows) == 12
+        m, detail = metrics[name], evaluation["models"][name]
+        assert detail["test_size"] == len(rows) == 12
         assert m["accuracy"] == pytest.approx(accuracy_score(actual, predicted))
-        assert m["macro_avg"]["f1"] == pytest.approx(
+        assert m["macro_f1"] == detail["macro_avg"]["f1"]
+        assert detail["macro_avg"]["f1"] == pytest.approx(
             f1_score(actual, predicted, labels=CLASSES, average="macro", zero_division=0)
         )
-        assert m["weighted_avg"]["f1"] == pytest.approx(
+        assert detail["weighted_avg"]["f1"] == pytest.approx(
             f1_score(actual, predicted, labels=CLASSES, average="weighted", zero_division=0)
         )
         assert m["log_loss"] == pytest.approx(log_loss(actual, proba, labels=CLASSES), abs=1e-4)
@@ -161,9 +167,24 @@ def test_metrics_match_sklearn_recomputed_from_predictions_csv(reports: Path) ->
             roc_auc_score(actual, proba, multi_class="ovr", labels=CLASSES), abs=1e-3
         )
         for i, cls in enumerate(CLASSES):
-            assert m["per_class"][cls] == pytest.approx(
+            assert detail["per_class"][cls] == pytest.approx(
                 {"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]}
             )
+
+
+def test_metrics_files_hold_only_the_headline_numbers_per_model(reports: Path) -> None:
+    metrics = read_metrics(reports)
+    evaluation = json.loads((reports / "evaluation.json").read_text())
+
+    headline = {"accuracy", "macro_f1", "log_loss", "roc_auc"}
+    assert {name: set(m) for name, m in metrics.items()} == {name: headline for name in MODEL_NAMES}
+    for name in MODEL_NAMES:
+        detail = evaluation["models"][name]
+        assert {k: detail[k] for k in ("accuracy", "log_loss", "roc_auc")} == {
+            k: metrics[name][k] for k in ("accuracy", "log_loss", "roc_auc")
+        }
+    best = max(MODEL_NAMES, key=lambda n: (metrics[n]["accuracy"], metrics[n]["macro_f1"]))
+    assert evaluation["best"] == best
 
 
 def test_predictions_csv_has_a_row_per_test_image_with_probabilities(reports: Path) -> None:
@@ -196,7 +217,7 @@ def test_writes_curves_and_misclassified_grid_per_model(reports: Path) -> None:
 
 
 def test_model_card_has_metrics_table_provenance_and_split_sizes(reports: Path) -> None:
-    metrics = json.loads((reports / "metrics.json").read_text())
+    metrics = read_metrics(reports)
     card = (reports / "model_card.md").read_text()
 
     for name in MODEL_NAMES:
@@ -204,7 +225,7 @@ def test_model_card_has_metrics_table_provenance_and_split_sizes(reports: Path) 
     assert "2026-11-21T10:00:00 – 2026-11-23T10:00:00" in card  # crawl date range
     assert "Licences: MIT (36)" in card
     assert "| **total** | 24 | 12 |" in card  # train, test sizes
-    assert "seed: 7" in card  # params quoted
+    assert "seed: 7" in card  # training settings quoted from the sidecars
     assert "## Known limitations" in card
 
 
@@ -213,10 +234,21 @@ def test_missing_model_is_skipped_and_noted_in_model_card(project: Path, tmp_pat
 
     summary = run_evaluate(project, reports, models=["baseline", "not_trained_yet"])
 
-    assert set(json.loads((reports / "metrics.json").read_text())) == {"baseline"}
+    assert set(read_metrics(reports)) == {"baseline"}
     assert "not_trained_yet" in summary.skipped
     assert "Not evaluated: **not_trained_yet**" in (reports / "model_card.md").read_text()
     assert not (reports / "predictions" / "not_trained_yet.csv").exists()
+
+
+def test_a_model_not_evaluated_loses_its_old_metrics_file(
+    project: Path, reports: Path, tmp_path: Path
+) -> None:
+    rerun = tmp_path / "reports"
+    shutil.copytree(reports, rerun)
+
+    run_evaluate(project, rerun, models=["baseline"])
+
+    assert set(read_metrics(rerun)) == {"baseline"}  # promotion must not read a stale score
 
 
 def test_no_model_at_all_raises_stage_error_naming_models_dir(
@@ -248,7 +280,10 @@ def test_top_k_accuracy_only_with_more_classes_than_k() -> None:
         y_true % 3, proba[:, :3] / proba[:, :3].sum(1, keepdims=True), six[:3], top_k=5
     )
 
-    assert 0 < many["top_5_accuracy"] <= 1 and many["top_5_accuracy"] >= many["accuracy"]
+    top5 = np.argsort(-proba, axis=1)[:, :5]
+    expected = np.mean([label in row for label, row in zip(y_true, top5, strict=True)])
+    assert many["top_5_accuracy"] == pytest.approx(expected)
+    assert many["top_5_accuracy"] > many["accuracy"]
     assert "top_5_accuracy" not in few
 
 
@@ -282,8 +317,7 @@ def test_dvc_metrics_diff_shows_change_per_model(
     project: Path, reports: Path, dvc_repo: Path
 ) -> None:
     shutil.copy(ROOT / "dvc.yaml", dvc_repo / "dvc.yaml")
-    (dvc_repo / "reports").mkdir()
-    shutil.copy(reports / "metrics.json", dvc_repo / "reports" / "metrics.json")
+    shutil.copytree(reports / "metrics", dvc_repo / "reports" / "metrics")
     git(dvc_repo, "add", "-A")
     git(dvc_repo, "commit", "-qm", "first run")
     data = dvc_repo / "data"
@@ -296,14 +330,16 @@ def test_dvc_metrics_diff_shows_change_per_model(
         project / "models",
         dvc_repo / "reports",
     )
-    git(dvc_repo, "add", "reports/metrics.json")
+    git(dvc_repo, "add", "-A", "reports/metrics")
     git(dvc_repo, "commit", "-qm", "second run, smaller test split")
 
-    diff = json.loads(dvc(dvc_repo, "metrics", "diff", "HEAD~1", "--json"))
+    diff = json.loads(dvc(dvc_repo, "metrics", "diff", "HEAD~1", "--all", "--json"))
 
-    changes = diff["reports/metrics.json"]
-    assert changes["baseline.test_size"] == {"old": 12, "new": 6, "diff": -6}
-    assert "baseline.per_class.sandal.support" in changes
+    old, new = read_metrics(reports)["baseline"], read_metrics(dvc_repo / "reports")["baseline"]
+    changes = diff["reports/metrics/models/baseline.json"]
+    assert changes["accuracy"]["old"] == old["accuracy"]
+    assert changes["accuracy"]["new"] == new["accuracy"]
+    assert set(changes) == {"accuracy", "macro_f1", "log_loss", "roc_auc"}  # no per-class detail
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""`python -m pipeline predict`: top classes per image, JSON output, errors for unreadable files."""
+"""Predict: ``predict_images`` (the API) and ``python -m pipeline predict`` (the CLI over it):
+top classes per image, JSON output, errors for unreadable files and unloadable models."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tinymodels import tiny_convnet
 from pipeline.__main__ import main
 from pipeline.config import EvaluateConfig
 from pipeline.evaluate import evaluate
+from pipeline.predict import ImageError, ModelLoadError, ModelNotFoundError, predict_images
 
 CLASSES = ["cat", "dog"]
 IMAGE_SIZE = 32
@@ -151,3 +153,62 @@ def test_missing_model_exits_2_naming_the_file_and_available_models(
     err = capsys.readouterr().err
     assert code == 2
     assert "transfer_finetuned.keras: no such model file (available: baseline)" in err
+
+
+# --- the API ---------------------------------------------------------------------------------
+
+
+def test_api_gives_top_classes_per_readable_image_and_an_error_per_unreadable_one(
+    models_dir: Path, images: Path
+) -> None:
+    report = predict_images(models_dir, "baseline", [images, images / "gone.png"], top_k=5)
+
+    assert [p.path for p in report.predictions] == [
+        images / "a.png",
+        images / "b.jpg",
+        images / "nested" / "c.png",
+    ]
+    for prediction in report.predictions:
+        probabilities = [c.probability for c in prediction.top]
+        assert sorted(c.class_name for c in prediction.top) == CLASSES  # top 5 of 2 classes
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-9)
+    assert report.errors == (
+        ImageError(images / "gone.png", "no such file or folder"),
+        ImageError(images / "broken.png", "not an image"),
+    )
+    assert not report.complete and report.model == "baseline"
+
+
+def test_api_probabilities_match_the_evaluate_stage(
+    models_dir: Path, images: Path, tmp_path: Path
+) -> None:
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "test.csv").write_text("path,class,group\n../images/a.png,cat,a\n")
+    evaluate(EvaluateConfig(models=["baseline"]), split, models_dir, tmp_path / "reports")
+    with open(tmp_path / "reports" / "predictions" / "baseline.csv", newline="") as fh:
+        (expected,) = [float(r["prob_cat"]) for r in csv.DictReader(fh)]
+
+    report = predict_images(models_dir, "baseline", [images / "a.png"], top_k=2)
+
+    (prediction,) = report.predictions
+    assert report.complete
+    assert {c.class_name: c.probability for c in prediction.top}["cat"] == pytest.approx(
+        expected, abs=1e-6
+    )
+
+
+def test_api_missing_model_names_the_file_and_the_models_there(
+    models_dir: Path, images: Path
+) -> None:
+    with pytest.raises(ModelNotFoundError, match=r"no such model file \(available: baseline\)"):
+        predict_images(models_dir, "transfer_finetuned", [images])
+
+
+def test_api_damaged_model_is_a_model_load_error(models_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "baseline.keras").write_bytes(b"not a zip")
+    (tmp_path / "baseline.json").write_text((models_dir / "baseline.json").read_text())
+
+    with pytest.raises(ModelLoadError, match=r"baseline\.keras: cannot load model"):
+        predict_images(tmp_path, "baseline", [])
