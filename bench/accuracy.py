@@ -117,7 +117,7 @@ def main() -> int:
     cfg = load_params(ROOT / "params.yaml").train
     update: dict[str, object] = {"verbose": 2}
     if args.image_size:
-        update["image_size"] = args.image_size
+        update["fit"] = cfg.fit.model_copy(update={"image_size": args.image_size})
     cfg = cfg.model_copy(update=update)
     baseline_update = {"epochs": args.baseline_epochs} if args.baseline_epochs else {}
     transfer_update: dict[str, object] = {}
@@ -172,11 +172,11 @@ def main() -> int:
     chance = 1 / len(classes)
     print(
         f"\nFashion-MNIST labels {classes} ({', '.join(NAMES[c] for c in classes)}), "
-        f"{args.per_class}/class (60/20/20), {cfg.image_size} px, seed {cfg.seed}"
+        f"{args.per_class}/class (60/20/20), {cfg.fit.image_size} px, seed {cfg.seed}"
     )
     print("| model | test accuracy | ratio to chance |\n|---|---|---|")
     for label, path in results:
-        accuracy = test_accuracy(path, split_dir, cfg.image_size)
+        accuracy = test_accuracy(path, split_dir, cfg.fit.image_size)
         print(f"| {label} | {accuracy:.3f} | {accuracy / chance:.2f}× |")
     for name, seconds in timings.items():
         print(f"train {name}: {seconds:.0f} s")

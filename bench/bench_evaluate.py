@@ -111,7 +111,7 @@ def main() -> None:
 
         def whole() -> None:
             cfg = EvaluateConfig(models=["baseline"], batch_size=batch, image_size=size)
-            evaluate(cfg, root / "split", root / "models", root / "reports", params_file=None)
+            evaluate(cfg, root / "split", root / "models", root / "reports")
 
         # Warm up tf.function tracing for both batch shapes so no method pays for it.
         forward()

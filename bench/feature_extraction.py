@@ -1,7 +1,7 @@
 """VGG16 feature extraction: our tf.data pipeline from PNG files vs the in-memory ceiling.
 
 train-transfer's "fast" mode runs the frozen VGG16 base once over every image
-(``pipeline.train.extract_features``): read PNG → decode → resize → batch → model, through
+(``pipeline.features.cached_features``): read PNG → decode → resize → batch → model, through
 ``pipeline.dataset.make_dataset``. The ceiling is the same model's ``predict`` on a numpy batch
 already decoded and resized in memory (no I/O, no decode). Both use the same model, batch size
 and images, measured in this run; the script prints images/s for each and the ratio
