@@ -25,6 +25,7 @@ straddles splits. Moves are counted in the report.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from typing import Any
 
 from pipeline.config import SplitConfig, StageError
 from pipeline.files import atomic_write_json, read_csv, read_jsonl, write_csv
-from pipeline.resume import Resume, fingerprint, recorded_fingerprint, reuse_or_wipe
+from pipeline.resume import Resume, fingerprint, record, recorded_fingerprint, reuse_or_wipe
 
 SPLITS = ("train", "val", "test")
 UNUSED = "unused"
@@ -111,7 +112,7 @@ def _previous_assignment(cfg: SplitConfig, out: Path) -> tuple[dict[str, str], b
     run that fails its checks must leave the last assignment in place.
     """
     assignment = out / "assignment.csv"
-    if recorded_fingerprint(out / PARAMS_MARKER) != _params_fingerprint(cfg):
+    if _recorded(cfg, out) != _params_fingerprint(cfg):
         return {}, False
     try:
         rows = read_csv(assignment) if assignment.exists() else []
@@ -125,12 +126,30 @@ def _params_fingerprint(cfg: SplitConfig) -> str:
     return fingerprint(_params_record(cfg))
 
 
+def _recorded(cfg: SplitConfig, out: Path) -> str | None:
+    """The fingerprint ``split_params.json`` records. A marker from before pipeline.resume (the
+    bare seed and sizes) counts as this run's fingerprint when it records the same seed and
+    sizes, so upgrading does not redraw a split grown over several crawls."""
+    marker = out / PARAMS_MARKER
+    recorded = recorded_fingerprint(marker)
+    if recorded is None and marker.is_file():
+        try:
+            legacy = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if legacy == _params_record(cfg):
+            return _params_fingerprint(cfg)
+    return recorded
+
+
 def _record_params(cfg: SplitConfig, out: Path) -> Resume:
     """Wipe an assignment made with another seed or sizes and record this run's.
 
     Returns ``Resume.WIPED`` when a last run's split is being redrawn.
     """
     assignment = out / "assignment.csv"
+    if recorded_fingerprint(out / PARAMS_MARKER) is None and _recorded(cfg, out) is not None:
+        record(out / PARAMS_MARKER, _params_fingerprint(cfg), _params_record(cfg))  # upgrade
     return reuse_or_wipe(
         out / PARAMS_MARKER,
         _params_fingerprint(cfg),

@@ -222,3 +222,19 @@ def test_changing_the_sizes_redraws_the_split_and_says_so(tmp_path: Path) -> Non
     assert summary.redrawn
     assert "the split was redrawn" in str(summary)
     assert summary.counts == {"train": 20, "val": 10, "test": 10}
+
+
+def test_a_split_recorded_before_the_resume_helper_is_kept(tmp_path: Path) -> None:
+    add_images(tmp_path / "clean", "cat", [1] * 20)
+    add_images(tmp_path / "clean", "dog", [1] * 20)
+    run_split(tmp_path, SplitConfig())
+    params = tmp_path / "split" / "split_params.json"
+    params.write_text(json.dumps({"seed": 42, "train": 0.6, "val": 0.2, "test": 0.2}))
+
+    summary = split(
+        SplitConfig(), tmp_path / "clean", tmp_path / "split", tmp_path / "split_report.json"
+    )
+
+    assert not summary.redrawn
+    assert summary.kept == 40
+    assert json.loads(params.read_text())["made_from"]["seed"] == 42  # upgraded in place
