@@ -8,6 +8,7 @@ and prints the stage's one-line summary.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -115,14 +116,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """Print ``pipeline.predict.predict_images``'s results: text or JSON Lines on stdout, each
+    unreadable image on stderr. Exit 0 all classified, 1 some unreadable, 2 no model."""
+    from pipeline.predict import ModelLoadError, predict_images
+
+    if args.top < 1:
+        print("error: predict: --top must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        report = predict_images(
+            args.models_dir, args.model, args.images, args.top, args.batch_size, progress=True
+        )
+    except ModelLoadError as exc:
+        print(f"error: predict: {exc}", file=sys.stderr)
+        return 2
+    for prediction in report.predictions:
+        if args.json:
+            top = [
+                {"class": c.class_name, "probability": round(c.probability, 6)}
+                for c in prediction.top
+            ]
+            print(json.dumps({"path": str(prediction.path), "model": report.model, "top": top}))
+        else:
+            ranked = ", ".join(f"{c.class_name} {c.probability:.3f}" for c in prediction.top)
+            print(f"{prediction.path}: {ranked}")
+    for error in report.errors:
+        if args.json:
+            row = {"path": str(error.path), "model": report.model, "error": error.message}
+            print(json.dumps(row))
+        print(f"error: {error.path}: {error.message}", file=sys.stderr)
+    return 0 if report.complete else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.stage == "predict":
-        from pipeline.evaluate import run_predict
-
-        return run_predict(args)
+        return _predict(args)
     try:
         cfg = load_params(args.params)
     except ParamsError as exc:

@@ -143,8 +143,11 @@ def _train_transfer(cfg: StageConfigs, opts: StageOptions) -> Any:
 
 def _evaluate(cfg: StageConfigs, opts: StageOptions) -> Any:
     from pipeline.evaluate import evaluate
+    from pipeline.model_card import Provenance
 
-    return evaluate(cfg.evaluate, paths.SPLIT, paths.MODELS, paths.REPORTS)
+    return evaluate(
+        cfg.evaluate, paths.SPLIT, paths.MODELS, paths.REPORTS, Provenance.of_project()
+    )
 
 
 # --- headline metrics: a few counts per stage, shared key names keep `dvc metrics show` narrow --
