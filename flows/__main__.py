@@ -110,6 +110,35 @@ def _ephemeral_timeout(exc: BaseException) -> str | None:
     )
 
 
+def _serve(
+    pipeline_flow: Any, args: argparse.Namespace, flow_cfg: Any, parameters: dict[str, Any]
+) -> int:
+    """Serve the flow on its cron schedule until stopped; needs a Prefect server."""
+    from prefect.schedules import Cron
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print(
+            "error: serve needs a Prefect server for its scheduler: run `prefect server "
+            "start` in another terminal, then `prefect config set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api`",
+            file=sys.stderr,
+        )
+        return 2
+    cron = args.cron or flow_cfg.cron
+    pipeline_flow.serve(
+        name=args.name or flow_cfg.deployment_name,
+        # Only the scheduled runs force a fresh crawl; a manual "Run" in the UI does not.
+        schedules=[Cron(cron, timezone=flow_cfg.timezone, parameters={"force_crawl": True})],
+        parameters=parameters,
+        pause_on_shutdown=False,
+        limit=1,  # one run at a time from this server (the run lock covers every other way)
+        description="crawl2model: crawl, clean, split, augment, train, evaluate (DVC-backed)",
+        tags=["crawl2model"],
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -130,30 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parameters: dict[str, Any] = {"params_file": str(args.params), "overrides": overrides or None}
 
     if args.command == "serve":
-        from prefect.schedules import Cron
-        from prefect.settings import PREFECT_API_URL
-
-        if not PREFECT_API_URL.value():
-            print(
-                "error: serve needs a Prefect server for its scheduler: run `prefect server "
-                "start` in another terminal, then `prefect config set "
-                "PREFECT_API_URL=http://127.0.0.1:4200/api`",
-                file=sys.stderr,
-            )
-            return 2
-
-        cron = args.cron or cfg.flow.cron
-        pipeline_flow.serve(
-            name=args.name or cfg.flow.deployment_name,
-            # Only the scheduled runs force a fresh crawl; a manual "Run" in the UI does not.
-            schedules=[Cron(cron, timezone=cfg.flow.timezone, parameters={"force_crawl": True})],
-            parameters=parameters,
-            pause_on_shutdown=False,
-            limit=1,  # one run at a time from this server (the run lock covers every other way)
-            description="crawl2model: crawl, clean, split, augment, train, evaluate (DVC-backed)",
-            tags=["crawl2model"],
-        )
-        return 0
+        return _serve(pipeline_flow, args, cfg.flow, parameters)
 
     try:
         summary = pipeline_flow(**parameters, force_crawl=args.force_crawl, until=args.until)

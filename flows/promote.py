@@ -91,6 +91,44 @@ def _read_metrics(metrics_dir: Path, model: str) -> tuple[dict[str, Any], Path]:
         raise StageError(f"{path}: not valid JSON: {exc}") from None
 
 
+def _compare(
+    rule: PromotionConfig, value: float, best_dir: Path, model_file: Path
+) -> tuple[str | None, float | None, str]:
+    """Against the current best: (why not to promote or None, the best's value, the reason)."""
+    label = f"{rule.model} {rule.metric} {value:.4f}"
+    best_record = best_dir / BEST_RECORD
+    best: dict[str, Any] | None = None
+    if best_record.exists():
+        best = json.loads(best_record.read_text(encoding="utf-8"))
+    if best is None or best.get("metric") != rule.metric:
+        return None, None, f"{label}; no earlier best with this metric"
+    best_value = float(best["value"])
+    if best.get("sha256") == _sha256(model_file):
+        return f"{label} is already the best (same model file)", best_value, ""
+    drop = best_value - value if rule.higher_is_better else value - best_value
+    if drop > rule.max_drop:
+        refusal = (
+            f"{label} is worse than the best {best_value:.4f} by {drop:.4f} "
+            f"(flow.promote.max_drop allows {rule.max_drop:g})"
+        )
+        return refusal, best_value, ""
+    return None, best_value, f"{label} vs best {best_value:.4f} (allowed drop {rule.max_drop:g})"
+
+
+def _install(model_file: Path, sidecar: Path, best_dir: Path, record: dict[str, Any]) -> None:
+    """Stage model, sidecar and record in a temp folder, then swap it in as ``best_dir``."""
+    best_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{best_dir.name}.", dir=best_dir.parent))
+    try:
+        shutil.copy2(model_file, staged / "model.keras")
+        shutil.copy2(sidecar, staged / "model.json")
+        atomic_write_json(staged / BEST_RECORD, record)
+        _replace_dir(staged, best_dir)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged)
+
+
 def promote(
     rule: PromotionConfig,
     metrics_dir: Path,
@@ -113,59 +151,18 @@ def promote(
     for path in (model_file, sidecar):
         if not path.exists():
             raise StageError(f"{path}: not found (flow.promote.model is {rule.model!r})")
-    label = f"{rule.model} {rule.metric} {value:.4f}"
-
-    best_record = best_dir / BEST_RECORD
-    best: dict[str, Any] | None = None
-    if best_record.exists():
-        best = json.loads(best_record.read_text(encoding="utf-8"))
-    if best is not None and best.get("metric") == rule.metric:
-        best_value = float(best["value"])
-        if best.get("sha256") == _sha256(model_file):
-            return Promotion(
-                False,
-                rule.model,
-                rule.metric,
-                value,
-                best_value,
-                f"{label} is already the best (same model file)",
-            )
-        drop = best_value - value if rule.higher_is_better else value - best_value
-        if drop > rule.max_drop:
-            return Promotion(
-                False,
-                rule.model,
-                rule.metric,
-                value,
-                best_value,
-                f"{label} is worse than the best {best_value:.4f} by {drop:.4f} "
-                f"(flow.promote.max_drop allows {rule.max_drop:g})",
-            )
-        reason = f"{label} vs best {best_value:.4f} (allowed drop {rule.max_drop:g})"
-    else:
-        best_value = None
-        reason = f"{label}; no earlier best with this metric"
-
-    best_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{best_dir.name}.", dir=best_dir.parent))
-    try:
-        shutil.copy2(model_file, staged / "model.keras")
-        shutil.copy2(sidecar, staged / "model.json")
-        atomic_write_json(
-            staged / BEST_RECORD,
-            {
-                "model": rule.model,
-                "metric": rule.metric,
-                "value": value,
-                "higher_is_better": rule.higher_is_better,
-                "sha256": _sha256(model_file),
-                "run": run_name,
-                "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "previous_value": best_value,
-            },
-        )
-        _replace_dir(staged, best_dir)
-    finally:
-        if staged.exists():
-            shutil.rmtree(staged)
+    refusal, best_value, reason = _compare(rule, value, best_dir, model_file)
+    if refusal is not None:
+        return Promotion(False, rule.model, rule.metric, value, best_value, refusal)
+    record = {
+        "model": rule.model,
+        "metric": rule.metric,
+        "value": value,
+        "higher_is_better": rule.higher_is_better,
+        "sha256": _sha256(model_file),
+        "run": run_name,
+        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "previous_value": best_value,
+    }
+    _install(model_file, sidecar, best_dir, record)
     return Promotion(True, rule.model, rule.metric, value, best_value, reason)
