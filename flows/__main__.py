@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from flows.params import resolve_params
-from pipeline.config import DEFAULT_PARAMS, ParamsError, StageError
+from pipeline.config import DEFAULT_PARAMS, FlowConfig, ParamsError, StageError
 from pipeline.stages import NAMES as STAGES
 
 
@@ -111,7 +111,7 @@ def _ephemeral_timeout(exc: BaseException) -> str | None:
 
 
 def _serve(
-    pipeline_flow: Any, args: argparse.Namespace, flow_cfg: Any, parameters: dict[str, Any]
+    pipeline_flow: Any, args: argparse.Namespace, flow_cfg: FlowConfig, parameters: dict[str, Any]
 ) -> int:
     """Serve the flow on its cron schedule until stopped; needs a Prefect server."""
     from prefect.schedules import Cron
