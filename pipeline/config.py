@@ -144,6 +144,12 @@ class CrawlSettings(_Section):
     api_page_size: Annotated[int, Field(ge=1, le=50)] = 20
     thumbnail_width: Annotated[int, Field(ge=0)] = 640
     tracking_params: list[Annotated[str, Field(min_length=1)]] = DEFAULT_TRACKING_PARAMS
+    # an unattended crawl ends (and the stage fails, after writing what it has) when it runs
+    # past the deadline or nothing starts or finishes for stall_timeout_s; 0 = no limit
+    deadline_s: NonNegativeFloat = 21600.0
+    stall_timeout_s: NonNegativeFloat = 600.0
+    # a class with fewer saved images fails the stage (after writing its outputs); 0 = off
+    min_images_per_class: Annotated[int, Field(ge=0)] = 20
 
     @field_validator("content_types")
     @classmethod
@@ -153,11 +159,42 @@ class CrawlSettings(_Section):
             raise ValueError(f"content_types must all be image/* types, got {bad}")
         return [t.lower() for t in types]
 
+    @model_validator(mode="after")
+    def _cap_allows_the_minimum(self) -> CrawlSettings:
+        minimum = self.min_images_per_class
+        problem = _cap_below_minimum(self, [], "crawl.min_images_per_class", minimum)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def _cap_below_minimum(
+    crawl: CrawlSettings, classes: list[ClassConfig], minimum_key: str, minimum: int
+) -> str | None:
+    """Say which cap (crawl.max_images_per_class or a class's max_images) keeps some class
+    below ``minimum``, so that the stage could only fail; None when every cap allows it."""
+    if not minimum:
+        return None
+    caps = [("crawl.max_images_per_class", crawl.max_images_per_class)]
+    caps += [(f"classes.{k.name}.max_images", k.max_images) for k in classes if k.max_images]
+    for key, cap in caps:
+        if cap and cap < minimum:
+            return f"{key} ({cap}) is below {minimum_key} ({minimum}): that class can never pass"
+    return None
+
 
 class CrawlConfig(CrawlSettings):
     """What the crawl runs with: the ``crawl:`` section plus the top-level ``classes`` list."""
 
     classes: list[ClassConfig]
+
+    @model_validator(mode="after")
+    def _class_caps_allow_the_minimum(self) -> CrawlConfig:
+        minimum = self.min_images_per_class
+        problem = _cap_below_minimum(self, self.classes, "crawl.min_images_per_class", minimum)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 QualityFlag = Literal["blurry", "dark", "bright", "low_information", "odd_aspect_ratio", "odd_size"]
@@ -197,6 +234,8 @@ class CleanConfig(_Section):
     odd_aspect_ratio_above: Annotated[float, Field(ge=1)] = 2.5
     odd_size_factor: Annotated[float, Field(gt=1)] = 10.0
     workers: Annotated[int, Field(ge=0, le=256)] = 0
+    # a class with fewer kept images fails the stage (after writing its outputs); 0 = off
+    min_images_per_class: Annotated[int, Field(ge=0)] = 20
 
     @field_validator("near_dup_max_distance")
     @classmethod
@@ -419,6 +458,17 @@ class Params(_Section):
         if dupes:
             raise ValueError(f"class names must be unique, repeated: {', '.join(dupes)}")
         return classes
+
+    @model_validator(mode="after")
+    def _caps_allow_the_minimums(self) -> Params:
+        for key, minimum in (
+            ("crawl.min_images_per_class", self.crawl.min_images_per_class),
+            ("clean.min_images_per_class", self.clean.min_images_per_class),
+        ):
+            problem = _cap_below_minimum(self.crawl, self.classes, key, minimum)
+            if problem:
+                raise ValueError(problem)
+        return self
 
 
 class StageConfigs(BaseModel):

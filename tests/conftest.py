@@ -28,6 +28,9 @@ def tiny_params(images_per_class: int = 16) -> dict[str, Any]:
     """The shipped params shrunk to seconds: few images, 32 px, 1 epoch, instant retries."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["crawl"]["max_images_per_class"] = images_per_class
+    # so few images would fail the crawl's and clean's minimum per class (params error)
+    params["crawl"]["min_images_per_class"] = 1
+    params["clean"]["min_images_per_class"] = 1
     params["train"]["fit"]["image_size"] = 32
     params["train"]["fit"]["batch_size"] = 16
     params["train"]["baseline"]["epochs"] = 1
