@@ -38,6 +38,7 @@ def config(classes: list[dict[str, Any]], **overrides: Any) -> CrawlConfig:
         "concurrency": 4,
         "max_per_host": 2,
         "api_delay_s": 0.0,
+        "min_images_per_class": 0,  # tiny sets; tests/crawl/test_min_images.py tests the minimum
     }
     settings.update(overrides)
     return CrawlConfig.model_validate({"classes": classes, **settings})
@@ -210,7 +211,8 @@ def test_robots_txt_server_error_disallows_the_whole_host(tmp_path: Path) -> Non
         rows, report = run(config([{"name": "c", "seeds": [seed]}], retries=0), tmp_path)
         assert rows == []
         assert server.hits("/g/index.html") == 0
-        assert report["pages"]["failed"] == {"robots_disallowed": 1}
+        assert report["pages"]["failed"] == {"robots_unreachable": 1}
+        assert report["pages"]["failed_urls"][0]["reason"] == "robots_unreachable: http_500"
 
 
 def test_robots_txt_missing_allows_everything(tmp_path: Path) -> None:

@@ -20,7 +20,16 @@ not seen before are appended to the class's candidate list, and only those are f
 already fetched are kept, not fetched again, and failures stay recorded. Appending, rather than
 re-sorting, means a class at its ``max_images`` cap keeps the images it has and new ones only
 fill free places. A refresh killed midway resumes its walk (for 24 hours) when run again with
-``refresh``; a plain rerun meanwhile keeps using the last finished list.
+``refresh``; a plain rerun meanwhile keeps using the last finished list. A refresh that finds
+nothing new leaves ``data/raw`` and the report byte for byte as they were (the walk keeps only
+page rows whose answer changed), so DVC sees no change.
+
+The stage fails (StageError, after writing what it has, state kept so a rerun resumes) when the
+crawl passes ``deadline_s`` or nothing starts or finishes for ``stall_timeout_s`` (the message
+names the param and what it waited on), or when a class ends with fewer than
+``min_images_per_class`` images (the message names the class, its count and top failures).
+robots.txt that cannot be read (5xx, 429, no connection, no complete answer) disallows its host
+(RFC 9309); each URL it blocks is reported as ``robots_unreachable: <why>``.
 
 A crawl runs in two phases. *Discovery* turns each class's sources into an ordered candidate list:
 ``pages`` (seed HTML pages and links followed level by level to ``max_depth``), ``urls`` (a text
@@ -44,8 +53,10 @@ Where things live (each module's docstring says what it consumes and produces):
     fetch.py        phase 2: download, check (type, decode, size), save by content hash
     manifest.py     selection of the first N distinct images, manifest.jsonl, crawl report
     scheduler.py    job queues per host, thread pool, retries, redirects
+    limits.py       the crawl's deadline and no-progress watchdog (CrawlStopped)
     politeness.py   robots.txt, per-host gates (spacing, concurrency), Retry-After, X-Robots-Tag
     transport.py    the urllib3 client: one GET, streamed body with a size cap, address checks
+    watchdog.py     a time limit on each whole answer: a dribbling server's socket is cut
     state.py        resume state on disk (.state/): logs, candidate lists, refresh walks
     urls.py         canonical URLs, tracking-parameter stripping, {demo} mapping, host shards
     demo_server.py  serving demo/site on 127.0.0.1 during the crawl

@@ -222,6 +222,8 @@ class Discovery:
                 self.state.begin_walk(k.name, self.fingerprint(k), self.walk) for k in todo
             }
         best = self._walk_sources(todo)
+        if self.walks is not None:
+            self.state.keep_changed_pages(self.walks)
         for klass in todo:
             ordered = sorted(best[klass.name].values(), key=lambda c: c.order)
             if refresh:

@@ -167,15 +167,18 @@ def write_outputs(
     candidates: dict[str, list[Candidate]],
     caps: dict[str, int],
     state: State,
+    incomplete: str | None = None,
 ) -> dict[str, ClassSelection]:
     """Write the manifest and the report; remove image files no state row knows.
 
-    Returns the selections. Raises StageError if some candidate a class still needs has not
+    ``incomplete`` (why a crawl stopped early) lets candidates stay unfetched: the manifest
+    then holds what was saved so far and the report says why it is incomplete. Returns the
+    selections. Raises StageError if, without it, some candidate a class still needs has not
     been fetched by any shard.
     """
     selections = select(candidates, caps, state.fetches)
     unfinished = sum(s.unfinished for s in selections.values())
-    if unfinished:
+    if unfinished and incomplete is None:
         raise StageError(
             f"{out / '.state'}: {unfinished} candidates are not fetched yet; finish every shard "
             "(or run the crawl without shards) before merging"
@@ -187,5 +190,35 @@ def write_outputs(
         for path in (out / name).glob("*"):
             if path.is_file() and f"{name}/{path.name}" not in known:
                 path.unlink()
-    atomic_write_json(report, build_report(selections, state.pages))
+    written = build_report(selections, state.pages)
+    if incomplete is not None:
+        written["incomplete"] = incomplete
+    atomic_write_json(report, written)
     return selections
+
+
+def too_few_images(
+    minimum: int, selections: dict[str, ClassSelection], pages: dict[str, PageRecord]
+) -> str | None:
+    """Say which classes have fewer than ``minimum`` (0: no minimum) images and why (their top
+    failure reasons); None when every class has enough."""
+    short = {name: s for name, s in selections.items() if len(s.chosen) < minimum}
+    if not short:
+        return None
+    page_failures = Counter(reason_kind(p.reason) for p in pages.values() if not p.ok)
+    described = []
+    for name, selection in short.items():
+        why = [f"{selection.candidates} candidates"]
+        failed = Counter(reason_kind(f.reason) for f in selection.failed)
+        if failed:
+            why.append("failed: " + _top(failed))
+        if selection.duplicates:
+            why.append(f"{selection.duplicates} duplicates")
+        if not selection.candidates and page_failures:
+            why.append("failed pages/API calls: " + _top(page_failures))
+        described.append(f"{name}: {len(selection.chosen)} images ({'; '.join(why)})")
+    return f"crawl.min_images_per_class is {minimum}, but " + ", ".join(described)
+
+
+def _top(counts: Counter[str]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in counts.most_common(3))

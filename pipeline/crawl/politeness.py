@@ -89,6 +89,8 @@ class RobotsPolicy:
     fetched_at: float
     note: str  # "ok" | "4xx: allow all" | "unreachable: disallow all"
     text: str = ""
+    # the failure reason of each URL it blocks: rules said no, or robots.txt could not be read
+    refusal: str = "robots_disallowed"
 
     def crawl_delay(self, user_agent: str) -> float:
         """Crawl-delay for ``user_agent`` in seconds (0 if none).
@@ -118,21 +120,29 @@ class RobotsPolicy:
         return max(0.0, specific[0] if specific else delays.get("*", 0.0))
 
     @classmethod
-    def from_answer(cls, status: int | None, body: bytes) -> RobotsPolicy:
-        """RFC 9309: 2xx is parsed; 4xx means no restrictions; 5xx or no answer disallows all."""
+    def from_answer(cls, status: int, body: bytes) -> RobotsPolicy:
+        """RFC 9309: 2xx is parsed; 4xx means no restrictions; 5xx disallows all."""
         parser = urllib.robotparser.RobotFileParser()
         text = ""
-        if status is not None and 200 <= status < 300:
+        if 200 <= status < 300:
             text = body.decode("utf-8", errors="replace")
             parser.parse(text.splitlines())
-            note = "ok"
-        elif status is not None and 400 <= status < 500:
+            return cls(parser, time.monotonic(), "ok", text)
+        if 400 <= status < 500:
             parser.allow_all = True
-            note = f"{status}: allow all"
-        else:
-            parser.disallow_all = True
-            note = f"{status or 'unreachable'}: disallow all"
-        return cls(parser, time.monotonic(), note, text)
+            return cls(parser, time.monotonic(), f"{status}: allow all", text)
+        return cls.unreachable(f"http_{status}")
+
+    @classmethod
+    def unreachable(cls, why: str) -> RobotsPolicy:
+        """RFC 9309: robots.txt that cannot be read (5xx, no connection, no complete answer)
+        disallows the whole host; each blocked URL's reason says why (``robots_unreachable:
+        connection refused``), not that rules forbade it."""
+        parser = urllib.robotparser.RobotFileParser()
+        parser.disallow_all = True
+        return cls(
+            parser, time.monotonic(), f"{why}: disallow all", refusal=f"robots_unreachable: {why}"
+        )
 
 
 @dataclass
@@ -183,15 +193,16 @@ class Politeness:
 
     def verdict(self, origin: str, url: str, follows_robots: bool) -> str | None:
         """Return WAIT while ``origin``'s robots.txt is unknown (or stale), a failure reason
-        ("robots_disallowed"), or None to go ahead. ``follows_robots`` is False for requests
-        robots.txt does not govern (robots.txt itself, API calls)."""
+        ("robots_disallowed", "robots_unreachable: http_503"), or None to go ahead.
+        ``follows_robots`` is False for requests robots.txt does not govern (robots.txt
+        itself, API calls)."""
         if not self.settings.obey_robots_txt or not follows_robots:
             return None
         policy = self.robots.get(origin)
         if policy is None or time.monotonic() - policy.fetched_at > ROBOTS_TTL_S:
             return WAIT
         if not policy.parser.can_fetch(self.settings.user_agent, url):
-            return "robots_disallowed"
+            return policy.refusal
         return None
 
     def robots_requested(self, origin: str) -> bool:

@@ -4,7 +4,8 @@ Consumes the ``crawl`` section of params.yaml (CrawlConfig, with its classes) an
 the demo site); produces ``<out>/<class>/<sha256>.<ext>``, ``<out>/manifest.jsonl``, the crawl
 report and the resume state in ``<out>/.state`` (see the package docstring). Each entry point
 builds the pieces' settings from the config and wires them: demo server → state → discovery →
-fetching → selection.
+fetching → selection. A crawl-wide limit (limits.py) or a class short of
+``min_images_per_class`` fails the stage with StageError, after writing what it has.
 """
 
 from __future__ import annotations
@@ -20,12 +21,23 @@ from pipeline.config import ClassConfig, CrawlConfig, StageError
 from pipeline.crawl.demo_server import url_map
 from pipeline.crawl.discovery import Discovery, DiscoverySettings, class_cap, class_fingerprint
 from pipeline.crawl.fetch import Fetcher, FetchSettings
-from pipeline.crawl.manifest import ClassSelection, count_kinds, select, write_outputs
+from pipeline.crawl.limits import CrawlStopped
+from pipeline.crawl.manifest import (
+    ClassSelection,
+    count_kinds,
+    select,
+    too_few_images,
+    write_outputs,
+)
 from pipeline.crawl.scheduler import Network
 from pipeline.crawl.state import Candidate, State, forget_state_if_demo_changed
 from pipeline.crawl.urls import HostShard
 
 SHARD_SUFFIX = " (shard done; run merge_shards for the manifest)"
+RESUME = (
+    "the crawl is incomplete and the stage fails: rerun it to resume where it stopped (the "
+    "scheduled flow's retries and next run do; nothing fetched is fetched again)"
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,10 @@ def discover(
     settings = DiscoverySettings.from_config(cfg)
     with url_map(cfg.classes, cfg.serve_demo_site) as urls, contextlib.closing(state):
         discovery = Discovery(settings, state, urls, Network.from_config(cfg), progress)
-        found = discovery.run(chosen, refresh)
+        try:
+            found = discovery.run(chosen, refresh)
+        except CrawlStopped as stop:
+            raise StageError(f"{stop}. Stopped during discovery, state kept; {RESUME}") from None
     return {name: len(found[name]) for name in found}
 
 
@@ -115,6 +130,12 @@ def _host_shard(value: HostShard | tuple[int, int] | None, refresh: bool) -> Hos
             "then the host shards without refresh"
         )
     return shard
+
+
+def _state_id(classes: list[ClassConfig] | None, shard: HostShard | None) -> str:
+    """The name of a crawl's own state files: "all", or the classes and host shard it does."""
+    state_id = "-".join(k.name for k in classes) if classes is not None else "all"
+    return state_id if shard is None else f"{state_id}.{shard.state_suffix}"
 
 
 def crawl(
@@ -143,13 +164,8 @@ def crawl(
     partial = classes is not None or host_shard is not None
     chosen = _pick_classes(cfg, classes)
     shard = _host_shard(host_shard, refresh)
-    shard_id = "all"
-    if partial:
-        shard_id = "-".join(k.name for k in chosen) if classes is not None else "all"
-        if shard is not None:
-            shard_id += "." + shard.state_suffix
     forget_state_if_demo_changed(cfg.serve_demo_site, out)
-    state = State(out, shard_id)
+    state = State(out, _state_id(chosen if classes is not None else None, shard))
     network = Network.from_config(cfg)
     caps = _caps(cfg, chosen)
 
@@ -158,9 +174,14 @@ def crawl(
 
     with url_map(cfg.classes, cfg.serve_demo_site) as urls, contextlib.closing(state):
         discovery = Discovery(DiscoverySettings.from_config(cfg), state, urls, network, progress)
-        candidates = discovery.run(chosen, refresh)
         fetcher = Fetcher(FetchSettings.from_config(cfg), state, urls, network, out, progress)
-        fetcher.run(candidates, caps, mine)
+        candidates: dict[str, list[Candidate]] | None = None
+        try:
+            candidates = discovery.run(chosen, refresh)
+            fetcher.run(candidates, caps, mine)
+        except CrawlStopped as stop:
+            written = None if partial else candidates  # a shard leaves the manifest to the merge
+            raise _stopped(stop, out, report, written, caps, state) from None
     if partial:
         selections = select(candidates, caps, state.fetches)
         failed = count_kinds(
@@ -171,6 +192,7 @@ def crawl(
     else:
         selections = write_outputs(out, report, candidates, caps, state)
         failed = count_kinds(f.reason for s in selections.values() for f in s.failed)
+        _check_minimum(cfg, selections, state)
     return _summary(
         [k.name for k in chosen],
         selections,
@@ -206,7 +228,41 @@ def merge_shards(
         candidates[klass.name] = found
     selections = write_outputs(out, report, candidates, _caps(cfg, cfg.classes), state)
     failed = count_kinds(f.reason for s in selections.values() for f in s.failed)
+    _check_minimum(cfg, selections, state)
     return _summary(list(candidates), selections, failed, state, requests=0, started=started)
+
+
+def _stopped(
+    stop: CrawlStopped,
+    out: Path,
+    report: Path,
+    candidates: dict[str, list[Candidate]] | None,
+    caps: dict[str, int],
+    state: State,
+) -> StageError:
+    """The error a crawl stopped by a limit fails with, after writing the manifest and report
+    for what it saved (a whole crawl stopped while fetching) or leaving them as they were
+    (stopped during discovery, or one shard of a crawl)."""
+    if candidates is None:
+        return StageError(f"{stop}. The state is kept, the manifest left as it was; {RESUME}")
+    selections = write_outputs(out, report, candidates, caps, state, incomplete=str(stop))
+    saved = sum(len(s.chosen) for s in selections.values())
+    return StageError(
+        f"{stop}. Wrote the manifest and {report} for the {saved} images saved so far; {RESUME}"
+    )
+
+
+def _check_minimum(cfg: CrawlConfig, selections: dict[str, ClassSelection], state: State) -> None:
+    """Raise StageError if a class has fewer than crawl.min_images_per_class images (the
+    manifest and report are already written, so the rest of the crawl is not lost)."""
+    problem = too_few_images(cfg.min_images_per_class, selections, state.pages)
+    if problem:
+        raise StageError(
+            f"{problem}. The manifest and report are written (each failed URL with its reason "
+            "is in the report); fix the class's sources or lower crawl.min_images_per_class, "
+            "then rerun: images already saved are kept, failed URLs are not tried again "
+            f"(delete {state.dir}/fetch-*.jsonl to retry them)"
+        )
 
 
 def _summary(

@@ -7,8 +7,11 @@
     demo_site.json           the fingerprint of the demo site the state was made from
 
 Consumes what discovery and fetching record; produces, on every start, what earlier runs did
-(so nothing recorded as done is asked for again). Rows are typed (PageRecord, FetchRecord,
-Candidate); the files keep the JSON rows they always had.
+(so nothing recorded as done is asked for again). A finished refresh walk keeps only the page
+rows whose answer changed, so a refresh that finds nothing new leaves every file as it was
+(data/raw is a DVC output: any changed byte reruns clean and makes a new dvc.lock commit).
+Rows are typed (PageRecord, FetchRecord, Candidate); the files keep the JSON rows they always
+had.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 from pipeline.crawl.politeness import ROBOTS_TTL_S
 from pipeline.crawl.sources.pages import PageItem
-from pipeline.files import atomic_write_json, read_jsonl
+from pipeline.files import atomic_write_json, atomic_write_text, read_jsonl
 from pipeline.resume import fingerprint, reuse_or_wipe
 
 
@@ -247,6 +250,35 @@ class State:
         self._page_log.close()
         self._fetch_log.close()
 
+    def keep_changed_pages(self, walks: set[str]) -> None:
+        """Drop the rows refresh ``walks`` recorded for pages (and API pages) that answered
+        exactly as their newest earlier row says; those rows stay the newest again.
+
+        The walk's rows are appended while it runs, so a killed refresh resumes it; once it
+        has finished, a page that did not change needs no second row. Lines are kept byte for
+        byte and a log left empty is removed, so an all-unchanged walk leaves the logs as they
+        were before it.
+        """
+        self._page_log.close()
+        logs = {log: _lines(log) for log in sorted(self.dir.glob("pages-*.jsonl"))}
+        before: dict[str, PageRecord] = {}
+        for lines in logs.values():
+            for _, page in lines:
+                known = before.get(page.key)
+                if page.walk not in walks and (known is None or page.time >= known.time):
+                    before[page.key] = page
+        for log, lines in logs.items():
+            kept = [line for line, page in lines if not _unchanged(page, before, walks)]
+            if len(kept) == len(lines):
+                continue
+            if kept:
+                atomic_write_text(log, "".join(kept))
+            else:
+                log.unlink()
+        for key, page in self.pages.items():
+            if _unchanged(page, before, walks):
+                self.pages[key] = before[key]
+
     def candidates_path(self, class_name: str) -> Path:
         return self.dir / "candidates" / f"{class_name}.json"
 
@@ -284,6 +316,31 @@ class State:
         # removed before the new list is saved: a kill in between costs a repeated walk, never
         # a refresh that silently resumes an already finished walk and so finds nothing
         self.walk_path(class_name).unlink(missing_ok=True)
+
+
+def _lines(log: Path) -> list[tuple[str, PageRecord]]:
+    """A pages log's complete lines (a torn last one is left out), each with its record."""
+    text = log.read_text(encoding="utf-8")
+    return [
+        (line, PageRecord.from_row(json.loads(line)))
+        for line in text.splitlines(keepends=True)
+        if line.endswith("\n")
+    ]
+
+
+def _unchanged(page: PageRecord, before: dict[str, PageRecord], walks: set[str]) -> bool:
+    """Whether ``page``, recorded by one of ``walks``, answered as the row before them did."""
+    earlier = before.get(page.key)
+    if page.walk not in walks or earlier is None:
+        return False
+
+    def answer(record: PageRecord) -> dict[str, Any]:
+        row = record.to_row()
+        row.pop("walk", None)
+        row.pop("time", None)
+        return row
+
+    return answer(page) == answer(earlier)
 
 
 def forget_state_if_demo_changed(demo_site: Path | None, out: Path) -> None:

@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 import urllib3
 
 from pipeline.config import CrawlConfig
+from pipeline.crawl.watchdog import WATCHED_POOLS, RequestWatchdog
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+WHOLE_ANSWER_TIMEOUTS = 6  # a whole answer (headers and body) gets this many timeout_s
 
 Response = urllib3.BaseHTTPResponse
 Reader = Callable[[Response], Any]
@@ -106,6 +108,9 @@ class Transport:
             for scheme, url in urllib.request.getproxies_environment().items()
             if scheme in ("http", "https")
         }
+        for manager in (self._direct, *self._proxies.values()):
+            manager.pool_classes_by_scheme = WATCHED_POOLS
+        self.watchdog = RequestWatchdog()
 
     def _manager(self, url: str) -> urllib3.PoolManager:
         parts = urlsplit(url)
@@ -143,8 +148,21 @@ class Transport:
             return Outcome("failed", problem)
         with self._lock:
             self.requests += 1
+        limit_s = WHOLE_ANSWER_TIMEOUTS * self.settings.timeout_s
+        with self.watchdog.watch(limit_s) as watch:
+            outcome = self._request(url, read, any_status)
+        if watch.fired:
+            # the watchdog cut the socket: whatever came after is the timeout's doing (even a
+            # "complete" answer: http.client takes a cut header block for the end of headers)
+            reason = f"timeout: no complete answer within {limit_s:g} s"
+            return Outcome("retry", reason, status=outcome.status)
+        return outcome
+
+    def _request(self, url: str, read: Reader, any_status: bool) -> Outcome:
         try:
             response = self._manager(url).request("GET", url, preload_content=False, redirect=False)
+        except urllib3.exceptions.NewConnectionError as exc:  # a TimeoutError subclass
+            return Outcome("retry", f"connection_error: {_connect_problem(exc)}")
         except urllib3.exceptions.TimeoutError:
             return Outcome("retry", "timeout")
         except urllib3.exceptions.LocationParseError:
@@ -185,7 +203,7 @@ class Transport:
         chunks: list[bytes] = []
         size = 0
         # a server dribbling bytes forever must not pin a worker: bound the whole download
-        deadline = time.monotonic() + 6 * self.settings.timeout_s
+        deadline = time.monotonic() + WHOLE_ANSWER_TIMEOUTS * self.settings.timeout_s
         try:
             for chunk in response.stream(64 * 1024):
                 chunks.append(chunk)
@@ -207,6 +225,18 @@ class Transport:
         except urllib3.exceptions.HTTPError as exc:
             raise FetchFailure(f"connection_error: {type(exc).__name__}", retry=True) from None
         return b"".join(chunks)[: max_bytes if truncate else None]
+
+
+def _connect_problem(exc: urllib3.exceptions.NewConnectionError) -> str:
+    """What stopped a connection, in words: ``connection refused``, ``name not resolved``."""
+    if isinstance(exc, urllib3.exceptions.NameResolutionError):
+        return "name not resolved"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return type(cause or exc).__name__
 
 
 def _release(response: Response) -> None:

@@ -74,6 +74,7 @@ def test_running_a_sharded_plan_writes_the_same_manifest_as_one_crawl(tmp_path: 
                 "classes": [{"name": "c", "image_urls": str(listing)}],
                 "allow_private_addresses": True,
                 "max_images_per_class": 4,
+                "min_images_per_class": 0,
             }
         )
         crawl(cfg, tmp_path / "one" / "raw", tmp_path / "one" / "r.json", progress=False)
