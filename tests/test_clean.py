@@ -7,6 +7,7 @@ import io
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,13 @@ from pipeline.clean import CleanSummary, clean, hamming_pairs, hashes_to_bits
 from pipeline.config import CleanConfig, ParamsError, StageError, parse_params
 from pipeline.files import read_csv, read_jsonl
 
-FAST = CleanConfig(workers=1)
+
+def config(**overrides: Any) -> CleanConfig:
+    """One process and no per-class minimum (fixture sets are tiny); tests name what differs."""
+    return CleanConfig(**{"workers": 1, "min_images_per_class": 0, **overrides})
+
+
+FAST = config()
 
 
 # ------------------------------------------------------------------------------------------
@@ -135,7 +142,7 @@ def test_large_images_are_shrunk_to_max_side(tmp_path: Path) -> None:
     _, out = run(
         tmp_path,
         [("cat", "wide.png", encode(photo(5, 128).resize((400, 200))))],
-        CleanConfig(workers=1, max_side=100),
+        config(max_side=100),
     )
 
     (row,) = read_jsonl(out / "manifest.jsonl")
@@ -187,7 +194,7 @@ def test_decompression_bomb_is_removed(tmp_path: Path, side: int) -> None:
     bomb = encode(Image.new("L", (side, side), 0))  # a few kB of PNG, side² pixels once decoded
     files = [("cat", "good.png", encode(photo(8))), ("cat", "bomb.png", bomb)]
 
-    _, out = run(tmp_path, files, CleanConfig(workers=1, max_image_pixels=1_000_000))
+    _, out = run(tmp_path, files, config(max_image_pixels=1_000_000))
 
     assert removed_reasons(out) == {"cat/bomb.png": "decompression_bomb"}
 
@@ -196,7 +203,7 @@ def test_decompression_bomb_detail_quotes_the_configured_limit(tmp_path: Path) -
     bomb = encode(Image.new("L", (1200, 1200), 0))
     files = [("cat", "good.png", encode(photo(8))), ("cat", "bomb.png", bomb)]
 
-    _, out = run(tmp_path, files, CleanConfig(workers=1, max_image_pixels=1_000_000))
+    _, out = run(tmp_path, files, config(max_image_pixels=1_000_000))
 
     (row,) = read_jsonl(out / "removed.jsonl")
     assert row["reason"] == "decompression_bomb"
@@ -210,7 +217,7 @@ def test_clean_leaves_the_callers_pillow_settings_unchanged(
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     files = [("cat", "good.png", encode(photo(7))), ("cat", "truncated.jpg", truncated_jpeg())]
 
-    run(tmp_path, files, CleanConfig(workers=1, max_image_pixels=1_000_000))
+    run(tmp_path, files, config(max_image_pixels=1_000_000))
 
     assert Image.MAX_IMAGE_PIXELS == 12_345_678
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True
@@ -364,7 +371,7 @@ def test_near_duplicate_removal_names_what_it_duplicates_and_how_close(tmp_path:
         ("cat", "lossy.jpg", encode(image, "JPEG", quality=40)),
     ]
 
-    _, out = run(tmp_path, files, CleanConfig(workers=1, second_pass=False))
+    _, out = run(tmp_path, files, config(second_pass=False))
 
     (row,) = read_jsonl(out / "removed.jsonl")
     assert row["path"] == "cat/lossy.jpg"
@@ -377,7 +384,7 @@ def test_group_mode_keeps_near_duplicates_under_one_group_id(tmp_path: Path) -> 
     image = photo(12)
     files = [("cat", "a.png", encode(image)), ("cat", "b.jpg", encode(image, "JPEG", quality=40))]
 
-    _, out = run(tmp_path, files, CleanConfig(workers=1, near_duplicates="group"))
+    _, out = run(tmp_path, files, config(near_duplicates="group"))
 
     groups = {row["group"] for row in read_jsonl(out / "manifest.jsonl")}
     assert len(read_jsonl(out / "manifest.jsonl")) == 2
@@ -406,7 +413,7 @@ def test_label_conflict_keep_first_keeps_the_first_class(tmp_path: Path) -> None
         ("dog", "y.png", encode(photo(16))),
     ]
 
-    _, out = run(tmp_path, files, CleanConfig(workers=1, label_conflicts="keep_first"))
+    _, out = run(tmp_path, files, config(label_conflicts="keep_first"))
 
     assert removed_reasons(out) == {"dog/x.png": "label_conflict"}
     assert "cat/x.png" in kept_raw_paths(out)
@@ -432,7 +439,7 @@ def test_drop_flags_param_removes_flagged_images(tmp_path: Path) -> None:
     dark = Image.fromarray((np.asarray(photo(17)) * 0.1).astype(np.uint8))
     files = [("cat", "dark.png", encode(dark)), ("cat", "ok.png", encode(photo(18)))]
 
-    _, out = run(tmp_path, files, CleanConfig(workers=1, drop_flags=["dark"]))
+    _, out = run(tmp_path, files, config(drop_flags=["dark"]))
 
     assert removed_reasons(out) == {"cat/dark.png": "quality"}
 
@@ -498,8 +505,8 @@ def test_rerun_with_a_new_per_image_param_reanalyses_but_a_dedupe_param_does_not
     out, report = tmp_path / "clean", tmp_path / "report.json"
     clean(FAST, raw, out, report)
 
-    dedupe_only = clean(CleanConfig(workers=1, near_dup_max_distance=10), raw, out, report)
-    per_image = clean(CleanConfig(workers=1, max_side=64), raw, out, report)
+    dedupe_only = clean(config(near_dup_max_distance=10), raw, out, report)
+    per_image = clean(config(max_side=64), raw, out, report)
 
     assert dedupe_only.reused == 3
     assert per_image.reused == 0
@@ -514,8 +521,8 @@ def test_process_pool_gives_the_same_manifest_as_one_process(tmp_path: Path) -> 
     ]
     raw = make_raw(tmp_path, files)
 
-    clean(CleanConfig(workers=1), raw, tmp_path / "one", tmp_path / "r1.json")
-    clean(CleanConfig(workers=2), raw, tmp_path / "pool", tmp_path / "r2.json")
+    clean(config(), raw, tmp_path / "one", tmp_path / "r1.json")
+    clean(config(workers=2), raw, tmp_path / "pool", tmp_path / "r2.json")
 
     assert (tmp_path / "one" / "manifest.jsonl").read_text() == (
         tmp_path / "pool" / "manifest.jsonl"
@@ -573,3 +580,19 @@ def test_summary_is_a_frozen_json_serialisable_record_with_a_one_line_str() -> N
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         summary.kept = 0  # type: ignore[misc]
+
+
+def test_class_below_the_minimum_fails_after_writing_outputs_naming_why(tmp_path: Path) -> None:
+    shoes = [("shoe", f"{i}.png", encode(photo(i))) for i in range(3)]
+    copies = [("sandal", "a.png", encode(photo(50)))]
+    copies += [("sandal", f"copy{i}.png", encode(photo(50).rotate(90 * i))) for i in (1, 2)]
+    copies.append(("sandal", "tiny.png", encode(Image.new("RGB", (8, 8), "red"))))
+
+    with pytest.raises(StageError) as failed:
+        run(tmp_path, shoes + copies, config(min_images_per_class=2))
+
+    message = str(failed.value)
+    assert "clean.min_images_per_class" in message and "sandal: kept 1 of 4" in message
+    assert "too_small 1" in message and "shoe:" not in message
+    kept = read_jsonl(tmp_path / "clean" / "manifest.jsonl")
+    assert len(kept) == 4 and len(read_jsonl(tmp_path / "clean" / "removed.jsonl")) == 3

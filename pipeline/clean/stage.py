@@ -63,7 +63,8 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, report: Path) -> CleanSummary:
     """Validate, normalise, flag and dedupe ``raw`` into ``out``; write the report.
 
     Returns a CleanSummary. Raises StageError when the raw manifest is missing or malformed,
-    or when no image survives (after writing removed.jsonl, which says why).
+    or when no image survives or a class keeps fewer than ``min_images_per_class`` (after
+    writing every output: removed.jsonl says why each file went).
     Safe to kill: every file is written atomically and per-image results are logged as they
     finish, so a rerun only analyses what is new.
     """
@@ -96,7 +97,30 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, report: Path) -> CleanSummary:
             f"{raw / MANIFEST}: no image survived cleaning ({summary}); "
             f"see {out / REMOVED} for each file's reason"
         )
+    short = too_few_kept(cfg.min_images_per_class, outcome)
+    if short:
+        raise StageError(
+            f"{short}. Every output is written ({out / REMOVED} says why each file went); crawl "
+            "more images for the class, loosen the clean params or lower "
+            "clean.min_images_per_class, then rerun (finished analyses are reused)"
+        )
     return summary
+
+
+def too_few_kept(minimum: int, outcome: Outcome) -> str | None:
+    """Say which classes of the raw manifest keep fewer than ``minimum`` (0: no minimum)
+    images, with their top removal reasons; None when every class keeps enough."""
+    raw = Counter(row.class_name for row in outcome.rows)
+    kept = Counter(record.class_name for record, _ in outcome.kept)
+    short = [name for name in raw if kept[name] < minimum]
+    if not short:
+        return None
+    described = []
+    for name in short:
+        removed = Counter(r.reason for r in outcome.removed if r.class_name == name)
+        reasons = ", ".join(f"{reason} {n}" for reason, n in removed.most_common(3))
+        described.append(f"{name}: kept {kept[name]} of {raw[name]} (removed: {reasons})")
+    return f"clean.min_images_per_class is {minimum}, but " + "; ".join(described)
 
 
 def read_raw_manifest(raw: Path) -> list[RawImage]:
