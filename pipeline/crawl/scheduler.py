@@ -214,6 +214,7 @@ class Scheduler:
         recorded for them, so a rerun makes them again).
         """
         in_flight: InFlight = {}
+        self.clock.progress(time.monotonic())  # local work between phases is not a stall
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="crawl")
         try:
             while self.queues or self.delayed or in_flight:
