@@ -436,6 +436,46 @@ class FlowConfig(_Section):
     promote: PromotionConfig = PromotionConfig()
 
 
+# "best" (best on the test split by export.metric), a model name, or models/best (the flow's)
+ExportModelChoice = Annotated[str, Field(pattern=r"^(models/best|[A-Za-z0-9_][A-Za-z0-9_.-]*)$")]
+TfliteVariant = Literal["float32", "float16", "int8"]
+
+
+class ExportConfig(_Section):
+    """export: which trained model to ship and in which formats (pipeline/export/)."""
+
+    model: ExportModelChoice = "best"
+    metric: Annotated[str, Field(min_length=1)] = "accuracy"
+    higher_is_better: bool = True
+    tflite: list[TfliteVariant] = ["float32", "float16", "int8"]
+    onnx: bool = True
+    onnx_opset: Annotated[int, Field(ge=13, le=18)] = 17
+    representative_images: Annotated[int, Field(ge=1, le=10_000)] = 100
+    verify_images: Annotated[int, Field(ge=1, le=10_000)] = 64
+    min_float_agreement: Annotated[float, Field(ge=0, le=1)] = 0.99
+
+    @field_validator("tflite")
+    @classmethod
+    def _unique_variants(cls, variants: list[str]) -> list[str]:
+        if len(set(variants)) != len(variants):
+            raise ValueError("TFLite variants must be unique")
+        return variants
+
+
+class ServeConfig(_Section):
+    """serve: the web app of ``python -m pipeline serve`` (pipeline/serve/); no stage reads it."""
+
+    model: ExportModelChoice = "best"
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    top_k: Annotated[int, Field(ge=1, le=100)] = 5
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 20_000_000
+    max_files: Annotated[int, Field(ge=1, le=1024)] = 32
+    max_image_pixels: Annotated[int, Field(ge=1)] = 50_000_000
+    audit_csv: Path = Path("data/audit/label_issues.csv")
+    review_csv: Path = Path("data/audit/review.csv")
+
+
 class Params(_Section):
     """The whole params.yaml, exactly as written: every section typed, unknown keys rejected at
     every depth. Stage configs (``StageConfigs``) are built from it by ``parse_params``."""
@@ -449,6 +489,8 @@ class Params(_Section):
     train: TrainSettings = TrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     flow: FlowConfig = FlowConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
 
     @field_validator("classes")
     @classmethod
@@ -485,6 +527,8 @@ class StageConfigs(BaseModel):
     train: TrainConfig
     evaluate: EvaluateConfig
     flow: FlowConfig = FlowConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -534,6 +578,8 @@ def parse_params(data: Any, source: str = "params.yaml") -> StageConfigs:
             **params.evaluate.model_dump(), image_size=params.train.fit.image_size
         ),
         flow=params.flow,
+        export=params.export,
+        serve=params.serve,
     )
 
 

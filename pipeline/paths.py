@@ -14,6 +14,8 @@ SPLIT = Path("data/split")  # split: train.csv, val.csv, test.csv (path, class, 
 AUGMENTED = Path("data/augmented")  # augment (offline mode): augmented copies + manifest.csv
 FEATURES = Path("data/features")  # train-transfer: cached VGG16 features (*.npy)
 MODELS = Path("models")  # train-*: *.keras + <model>.json sidecars
+EXPORT = MODELS / "export"  # export: SavedModel, TFLite, ONNX, labels.txt, model.json
+BEST_MODEL = MODELS / "best"  # the flow's promoted model: model.keras, model.json, best.json
 DVCLIVE = Path("dvclive")  # train-*: dvclive/<stage>/ training curves
 REPORTS = Path("reports")  # reports, plots, model card; metrics under reports/metrics/
 

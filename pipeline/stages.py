@@ -150,6 +150,12 @@ def _evaluate(cfg: StageConfigs, opts: StageOptions) -> Any:
     )
 
 
+def _export(cfg: StageConfigs, opts: StageOptions) -> Any:
+    from pipeline.export import export
+
+    return export(cfg.export, paths.SPLIT, paths.MODELS, paths.MODEL_METRICS, paths.EXPORT)
+
+
 # --- headline metrics: a few counts per stage, shared key names keep `dvc metrics show` narrow --
 
 
@@ -245,6 +251,14 @@ STAGES: tuple[Stage, ...] = (
         (paths.MODEL_METRICS, paths.EVALUATION, paths.PREDICTIONS, paths.ROC, paths.PR,
          paths.MODEL_CARD, paths.MISCLASSIFIED),
         _evaluate,
+    ),
+    Stage(
+        "export",
+        "the best (or a named) model as SavedModel, TFLite and ONNX into models/export/",
+        "pipeline.export",
+        ("export",),
+        (paths.EXPORT,),
+        _export,
     ),
 )
 

@@ -1,0 +1,145 @@
+"""Writers for each export format, from one loaded Keras model that takes raw RGB pixels.
+
+Consumes a ``keras.Model`` (input float32 ``[N, S, S, 3]`` pixels in 0–255; it rescales inside
+itself) with its class names, and for int8 a representative batch of validation images.
+Produces, in a folder the caller gives:
+
+- ``saved_model/``: a TF SavedModel with two signatures. ``serving_default`` takes
+  ``image_bytes`` (a batch of encoded JPEG/PNG/GIF/BMP images, tf.string ``[N]``) and decodes
+  and resizes them exactly as training did (``pipeline.dataset.decode_and_resize``), returning
+  ``classes`` (string ``[N, C]``, the class names) and ``probabilities`` (float32 ``[N, C]``), so
+  a client (TF Serving, ``tf.saved_model.load``) needs none of our code. ``serve_pixels`` takes
+  ``images`` (float32 pixels) like the Keras model.
+- ``model_<variant>.tflite`` for float32, float16 (weights stored as float16) and int8 (full
+  integer post-training quantisation calibrated on the representative images; float32 input and
+  output so clients feed the same pixels). Converted from ``serve_pixels``.
+- ``model.onnx`` via tf2onnx, input ``images``, output ``probabilities``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import StageError
+
+SAVED_MODEL = "saved_model"
+PIXEL_SIGNATURE = "serve_pixels"
+ONNX_FILE = "model.onnx"
+
+
+def tflite_file(variant: str) -> str:
+    return f"model_{variant}.tflite"
+
+
+def _pixel_spec(image_size: int) -> Any:
+    import tensorflow as tf
+
+    return tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")
+
+
+def write_saved_model(
+    model: Any, class_names: Sequence[str], image_size: int, out_dir: Path
+) -> Path:
+    """Write the SavedModel with the ``serving_default`` (bytes) and ``serve_pixels``
+    signatures into ``out_dir``. Returns ``out_dir``."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.dataset import decode_and_resize
+
+    names = tf.constant(list(class_names))
+    decoded = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
+
+    def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = tf.map_fn(
+            lambda data: decode_and_resize(data, image_size),
+            image_bytes,
+            fn_output_signature=decoded,
+        )
+        probabilities = model(tf.cast(images, tf.float32), training=False)
+        classes = tf.broadcast_to(names, tf.shape(probabilities))
+        return {"classes": classes, "probabilities": probabilities}
+
+    def serve_pixels(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"probabilities": model(images, training=False)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default",
+        serve_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
+    archive.add_endpoint(PIXEL_SIGNATURE, serve_pixels, input_signature=[_pixel_spec(image_size)])
+    archive.write_out(str(out_dir), verbose=False)
+    return out_dir
+
+
+def tflite_bytes(
+    saved_model_dir: Path, variant: str, representative: np.ndarray | None = None
+) -> bytes:
+    """Convert the SavedModel's ``serve_pixels`` signature to a TFLite flatbuffer.
+
+    ``variant``: float32 (no optimisation), float16 (float16 weights, float compute) or int8
+    (integer weights and activations, float32 input/output; needs ``representative``, float32
+    pixels ``[N, S, S, 3]``). Raises StageError when int8 has no representative images.
+    """
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model_dir), signature_keys=[PIXEL_SIGNATURE]
+    )
+    if variant == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "int8":
+        if representative is None or not len(representative):
+            raise StageError("int8 TFLite needs representative images (data/split/val.csv)")
+        calibration = representative.astype(np.float32)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif variant != "float32":
+        raise ValueError(f"unknown TFLite variant {variant!r} (export.tflite)")
+    return bytes(converter.convert())
+
+
+def _rename_output(graph: Any, old: str, new: str) -> None:
+    for node in graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+        node.input[:] = [new if name == old else name for name in node.input]
+    for output in graph.output:
+        if output.name == old:
+            output.name = new
+
+
+def onnx_bytes(model: Any, image_size: int, opset: int) -> bytes:
+    """Convert the Keras model to ONNX with tf2onnx: input ``images`` (float32 pixels
+    ``[N, S, S, 3]``), output ``probabilities``.
+
+    Raises StageError naming ``export.onnx`` when tf2onnx is not installed or cannot convert.
+    """
+    import tensorflow as tf
+
+    try:
+        import tf2onnx
+    except ImportError as exc:
+        raise StageError(
+            f"export.onnx is true but tf2onnx cannot be imported ({exc}); install it "
+            "(pip install tf2onnx onnxruntime) or set export.onnx: false"
+        ) from None
+    spec = [_pixel_spec(image_size)]
+    function = tf.function(lambda images: model(images, training=False), input_signature=spec)
+    try:
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
+    except Exception as exc:  # tf2onnx raises bare Exceptions for unsupported ops
+        raise StageError(
+            f"export.onnx: tf2onnx {tf2onnx.__version__} could not convert the model: {exc} "
+            "(set export.onnx: false to skip ONNX)"
+        ) from None
+    _rename_output(proto.graph, proto.graph.output[0].name, "probabilities")
+    return bytes(proto.SerializeToString())
