@@ -280,11 +280,19 @@ def _jsonable(summary: Any) -> Any:
     return summary
 
 
+# Timings differ on every run: in a DVC-tracked summary they would make a stage's outputs (and
+# dvc.lock) change when nothing else did. The CLI prints the time beside the summary instead.
+VOLATILE_FIELDS = frozenset({"elapsed_s", "seconds"})
+
+
 def write_summary(stage: Stage, summary: Any, root: Path = Path(".")) -> None:
     """Write the summary file (always) and the headline metrics (stages that have them)."""
+    fields = _jsonable(summary)
+    if isinstance(fields, dict):
+        fields = {k: v for k, v in fields.items() if k not in VOLATILE_FIELDS}
     atomic_write_json(
         root / stage.summary_path,
-        {"stage": stage.name, "summary": str(summary), "fields": _jsonable(summary)},
+        {"stage": stage.name, "summary": str(summary), "fields": fields},
     )
     if stage.headline is not None and stage.metrics_path is not None:
         atomic_write_json(root / stage.metrics_path, stage.headline(summary))
