@@ -54,6 +54,8 @@ def tiny_project(where: Path) -> Path:
             shutil.copy2(source, where / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["crawl"]["max_images_per_class"] = 16
+    params["crawl"]["min_images_per_class"] = 1
+    params["clean"]["min_images_per_class"] = 1
     params["train"]["fit"].update(image_size=32, batch_size=16)
     params["train"]["baseline"]["epochs"] = 1
     params["train"]["transfer"].update(feature_epochs=1, fine_tune_epochs=1)
