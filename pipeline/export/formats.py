@@ -12,7 +12,7 @@ Produces, in a folder the caller gives:
   ``images`` (float32 pixels) like the Keras model.
 - ``model_<variant>.tflite`` for float32, float16 (weights stored as float16) and int8 (full
   integer post-training quantisation calibrated on the representative images; float32 input and
-  output so clients feed the same pixels). Converted from ``serve_pixels``.
+  output so clients feed the same pixels). Converted from the pixel signature.
 - ``model.onnx`` via tf2onnx, input ``images``, output ``probabilities``.
 """
 
@@ -46,7 +46,6 @@ def write_saved_model(
 ) -> Path:
     """Write the SavedModel with the ``serving_default`` (bytes) and ``serve_pixels``
     signatures into ``out_dir``. Returns ``out_dir``."""
-    import keras
     import tensorflow as tf
 
     from pipeline.dataset import decode_and_resize
@@ -54,6 +53,7 @@ def write_saved_model(
     names = tf.constant(list(class_names))
     decoded = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         images = tf.map_fn(
             lambda data: decode_and_resize(data, image_size),
@@ -64,17 +64,36 @@ def write_saved_model(
         classes = tf.broadcast_to(names, tf.shape(probabilities))
         return {"classes": classes, "probabilities": probabilities}
 
+    @tf.function(input_signature=[_pixel_spec(image_size)])
     def serve_pixels(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"probabilities": model(images, training=False)}
+
+    # A plain tf.Module tracking the model saves each weight once (keras.export.ExportArchive
+    # tracks them twice under Keras 3, doubling the folder).
+    module = tf.Module()
+    module.model = model
+    module.serve_bytes, module.serve_pixels = serve_bytes, serve_pixels
+    signatures = {"serving_default": serve_bytes, PIXEL_SIGNATURE: serve_pixels}
+    tf.saved_model.save(module, str(out_dir), signatures=signatures)
+    return out_dir
+
+
+def write_tflite_source(model: Any, image_size: int, out_dir: Path) -> Path:
+    """Write the pixel signature alone as a SavedModel for the TFLite converter.
+
+    keras.export.ExportArchive, unlike a plain tf.Module, saves Keras 3 variables so that the
+    converter can freeze them (from a tf.Module the int8 calibration fails on READ_VARIABLE).
+    Returns ``out_dir``.
+    """
+    import keras
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
-        "serving_default",
-        serve_bytes,
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+        PIXEL_SIGNATURE,
+        lambda images: {"probabilities": model(images, training=False)},
+        input_signature=[_pixel_spec(image_size)],
     )
-    archive.add_endpoint(PIXEL_SIGNATURE, serve_pixels, input_signature=[_pixel_spec(image_size)])
     archive.write_out(str(out_dir), verbose=False)
     return out_dir
 
@@ -82,7 +101,8 @@ def write_saved_model(
 def tflite_bytes(
     saved_model_dir: Path, variant: str, representative: np.ndarray | None = None
 ) -> bytes:
-    """Convert the SavedModel's ``serve_pixels`` signature to a TFLite flatbuffer.
+    """Convert the ``serve_pixels`` signature of ``write_tflite_source``'s SavedModel to a
+    TFLite flatbuffer.
 
     ``variant``: float32 (no optimisation), float16 (float16 weights, float compute) or int8
     (integer weights and activations, float32 input/output; needs ``representative``, float32

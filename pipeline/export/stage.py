@@ -36,7 +36,7 @@ from pipeline.files import atomic_write_json, atomic_write_text
 
 FLOAT_FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "onnx")
 PREPROCESSING = (
-    "Decode the image (JPEG, PNG, GIF first frame, BMP) to RGB (grey is repeated, alpha "
+    "Decode the image (JPEG, PNG, GIF first frame, BMP, WebP) to RGB (grey is repeated, alpha "
     "dropped); resize to image_size x image_size, stretching (no crop), with bilinear "
     "antialiased resampling (tf.image.resize(..., antialias=True)); round and clip to 0-255; "
     "feed float32 NHWC pixels in 0-255. The model rescales them itself. The SavedModel's "
@@ -93,9 +93,13 @@ def _write_formats(
             loaded.model, loaded.class_names, loaded.image_size, out / formats.SAVED_MODEL
         )
     }
-    for variant in cfg.tflite:
-        data = formats.tflite_bytes(out / formats.SAVED_MODEL, variant, representative)
-        written[f"tflite_{variant}"] = atomic_write_bytes(out / formats.tflite_file(variant), data)
+    if cfg.tflite:
+        source = formats.write_tflite_source(loaded.model, loaded.image_size, out / ".tflite")
+        for variant in cfg.tflite:
+            data = formats.tflite_bytes(source, variant, representative)
+            path = atomic_write_bytes(out / formats.tflite_file(variant), data)
+            written[f"tflite_{variant}"] = path
+        shutil.rmtree(source)
     if cfg.onnx:
         data = formats.onnx_bytes(loaded.model, loaded.image_size, cfg.onnx_opset)
         written["onnx"] = atomic_write_bytes(out / formats.ONNX_FILE, data)
