@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline import paths, stages
-from pipeline.config import DEFAULT_PARAMS, ParamsError, StageError, load_params
+from pipeline.config import DEFAULT_PARAMS, ParamsError, StageConfigs, StageError, load_params
 from pipeline.runlock import run_lock
 
 
@@ -113,7 +113,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding <model>.keras and <model>.json (default: %(default)s)",
     )
     p.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="web app: try the model on your images, review the label audit's flagged images",
+        description="Serve the predict page (/), the review page (/review), a JSON API "
+        "(POST /predict, GET /health, GET /model) and its docs (/docs). Options default to "
+        "params.yaml's serve section.",
+    )
+    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    p.add_argument("--model", help="best | a model name | models/best (default: serve.model)")
+    p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
+    p.add_argument("--review-csv", type=Path, help="where decisions go (serve.review_csv)")
+    p.add_argument("--audit-csv", type=Path, help="the audit's flagged images (serve.audit_csv)")
+
+
+def _serve(args: argparse.Namespace, cfg: StageConfigs) -> int:
+    """Run the app (pipeline.serve) with params.yaml's serve section and the CLI's overrides."""
+    from pydantic import ValidationError
+
+    from pipeline.config import ServeConfig
+    from pipeline.serve import serve
+
+    options = ("model", "host", "port", "review_csv", "audit_csv")
+    given = {key: getattr(args, key) for key in options if getattr(args, key) is not None}
+    try:
+        settings = ServeConfig.model_validate({**cfg.serve.model_dump(), **given})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"error: serve: {first['loc'][0]}: {first['msg']}", file=sys.stderr)
+        return 2
+    try:
+        serve(settings, cfg.export)
+    except StageError as exc:
+        print(f"error: serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -163,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "check":
         print(f"{args.params}: OK ({len(cfg.class_names)} classes: {', '.join(cfg.class_names)})")
         return 0
+    if args.stage == "serve":
+        return _serve(args, cfg)
     options = stages.StageOptions()
     if args.stage == "crawl":
         step = "fetch" if args.shard else (args.crawl_step or "all")

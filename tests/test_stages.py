@@ -69,7 +69,7 @@ def test_cli_offers_every_registry_stage() -> None:
     choices = next(a for a in parser._actions if a.dest == "stage").choices
 
     assert set(stages.NAMES) <= set(choices)
-    assert set(choices) - set(stages.NAMES) == {"check", "predict"}
+    assert set(choices) - set(stages.NAMES) == {"check", "predict", "serve"}
 
 
 def test_flow_runs_the_registry_stages() -> None:
