@@ -81,6 +81,8 @@ def test_every_format_follows_the_keras_model(
     assert check["images"] == 12
     assert check["max_abs_diff"] <= tolerance
     if fmt != "tflite_int8":  # int8 may flip a near-tie of the untrained model; its diff is bounded
+        assert check["decisive_agreement"] == 1.0
+    if fmt in ("saved_model", "tflite_float32", "onnx"):
         assert check["top1_agreement"] == 1.0
 
 
@@ -207,10 +209,19 @@ def test_models_best_without_a_promotion_is_a_clear_error(tmp_path: Path) -> Non
 
 
 def test_a_float_format_that_disagrees_fails_the_stage_naming_the_key() -> None:
-    results = {"tflite_int8": Parity(10, 0.5, 0.4), "onnx": Parity(10, 0.9, 0.3)}
+    results = {"tflite_int8": Parity(10, 0.5, 0.4, 0.5), "onnx": Parity(10, 0.8, 0.3, 0.9)}
 
     with pytest.raises(StageError, match=r"onnx: .* 90\.00% of 10 .*export\.min_float_agreement"):
         _require_float_parity(results, 0.99)
+
+
+def test_a_flip_between_near_tied_classes_is_not_a_disagreement() -> None:
+    keras_probabilities = np.array([[0.501, 0.499], [0.9, 0.1]])
+    rounded = np.array([[0.499, 0.501], [0.9, 0.1]])
+
+    result = parity(keras_probabilities, rounded)
+
+    assert (result.top1_agreement, result.decisive_agreement) == (0.5, 1.0)
 
 
 def test_onnx_without_tf2onnx_fails_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:

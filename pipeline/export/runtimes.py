@@ -84,6 +84,11 @@ def keras_predict(model: Any) -> Predict:
     return predict
 
 
+# Keras' top two classes closer than this (a probability difference) are a tie: a float16 or
+# int8 model picking the other one is rounding, not a broken conversion.
+TIE = 0.01
+
+
 @dataclass(frozen=True)
 class Parity:
     """How closely one format's probabilities follow the Keras model's on the same images."""
@@ -91,11 +96,13 @@ class Parity:
     images: int
     top1_agreement: float  # fraction of images with the same most probable class
     max_abs_diff: float  # largest probability difference over images and classes
+    decisive_agreement: float  # the same, counting Keras near-ties (< TIE apart) as agreeing
 
     def as_dict(self) -> dict[str, float | int]:
         return {
             "images": self.images,
             "top1_agreement": round(self.top1_agreement, 6),
+            "decisive_agreement": round(self.decisive_agreement, 6),
             "max_abs_diff": float(f"{self.max_abs_diff:.3g}"),
         }
 
@@ -104,6 +111,11 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> Parity:
     """Compare two probability arrays of the same shape ``[N, C]``."""
     if reference.shape != candidate.shape:
         raise ValueError(f"shapes differ: {reference.shape} vs {candidate.shape}")
-    agree = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
-    diff = float(np.max(np.abs(reference - candidate))) if reference.size else 0.0
-    return Parity(len(reference), agree, diff)
+    if not reference.size:
+        return Parity(0, 1.0, 0.0, 1.0)
+    rows = np.arange(len(reference))
+    ours, theirs = reference.argmax(axis=1), candidate.argmax(axis=1)
+    same = ours == theirs
+    tie = reference[rows, ours] - reference[rows, theirs] < TIE
+    diff = float(np.max(np.abs(reference - candidate)))
+    return Parity(len(reference), float(np.mean(same)), diff, float(np.mean(same | tie)))

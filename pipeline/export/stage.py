@@ -13,7 +13,8 @@ and the parity check). Produces ``models/export/``:
 
 The folder is built beside the target and swapped in whole, so a killed run leaves the previous
 export or the new one. A float format whose top class differs from the Keras model's on more
-than ``1 - export.min_float_agreement`` of the check images fails the stage (StageError).
+than ``1 - export.min_float_agreement`` of the check images fails the stage (StageError); an
+image where Keras' top two classes are within ``runtimes.TIE`` counts as agreeing.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class ExportSummary:
     model: str
     reason: str
     sizes: dict[str, int]  # format → bytes on disk
-    parity: dict[str, dict[str, float | int]]  # format → images, top1_agreement, max_abs_diff
+    parity: dict[str, dict[str, float | int]]  # format → Parity.as_dict()
 
     def __str__(self) -> str:
         sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in self.sizes.items())
@@ -125,12 +126,12 @@ def check_parity(
 
 def _require_float_parity(results: dict[str, Parity], minimum: float) -> None:
     for name, result in results.items():
-        if name in FLOAT_FORMATS and result.top1_agreement < minimum:
+        if name in FLOAT_FORMATS and result.decisive_agreement < minimum:
             raise StageError(
                 f"{name}: top class agrees with the Keras model on only "
-                f"{result.top1_agreement:.2%} of {result.images} validation images "
-                f"(export.min_float_agreement is {minimum:.2%}); max probability difference "
-                f"{result.max_abs_diff:.3g}"
+                f"{result.decisive_agreement:.2%} of {result.images} validation images, near-ties "
+                f"excused (export.min_float_agreement is {minimum:.2%}); max probability "
+                f"difference {result.max_abs_diff:.3g}"
             )
 
 
