@@ -276,8 +276,17 @@ def run_flow(
     return "failed unclearly", elapsed, last
 
 
-def training_started(project: Path) -> Callable[[], bool]:
-    return lambda: (project / "models" / ".backup").exists()
+def training_started(project: Path, grace_s: float = 5.0) -> Callable[[], bool]:
+    """True a few seconds after this run's flow log shows a training stage starting."""
+    log = project.parent / "flow.log"
+    seen: list[float] = []
+
+    def check() -> bool:
+        if not seen and "Running stage 'train-" in log.read_text(errors="replace"):
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() - seen[0] > grace_s
+
+    return check
 
 
 def main() -> int:
@@ -318,11 +327,11 @@ def main() -> int:
         ("first run", normal, None, False),
         ("no change", normal, None, True),
         ("robots.txt 500", lambda: setattr(site, "robots_status", 500), None, False),
-        ("no change", normal, None, True),
+        ("robots.txt fixed", normal, None, False),
         ("429 storm", lambda: setattr(site, "storm_left", 40), None, False),
         ("slow host (0.3 s a response)", lambda: setattr(site, "slow_s", 0.3), None, False),
         ("host down", server.down, None, False),
-        ("host back, no change", normal, None, True),
+        ("host back", normal, None, False),
         ("new images appear", add_images(6), None, False),
         (
             "images disappear",
