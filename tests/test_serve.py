@@ -10,6 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from servekit import build_app, image_bytes, write_label_issues, write_project
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -259,3 +261,16 @@ def test_bad_review_requests_are_refused_with_a_message(
     assert response.status_code == status
     assert message in response.json()["detail"]
     assert not (root / "data/audit/review.csv").exists()
+
+
+def test_the_serve_command_refuses_a_bad_port_before_loading_anything(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pipeline.__main__ import main
+
+    code = main(["serve", "--params", str(ROOT / "params.yaml"), "--port", "70000"])
+
+    assert code == 2
+    assert (
+        "error: serve: port: Input should be less than or equal to 65535" in capsys.readouterr().err
+    )
