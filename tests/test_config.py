@@ -194,6 +194,13 @@ DEMO_VALUES = {
     "crawl.max_images_per_class",
     "crawl.max_per_host",
     "train.transfer.fine_tune_epochs",
+    # the demo's transfer model: real ImageNet MobileNetV2 weights that ship offline
+    "train.transfer.backbone",
+    "train.transfer.weights",
+    "train.transfer.image_size",
+    "train.transfer.unfreeze",
+    "train.transfer.fine_tune_lr",
+    "train.compare.fine_tune_epochs",
 }
 
 
@@ -225,8 +232,11 @@ def test_params_yaml_and_the_config_defaults_do_not_drift() -> None:
     text = (ROOT / "params.yaml").read_text()
     lines = text.splitlines()
     for dotted in DEMO_VALUES:
-        key = dotted.split(".")[-1] + ":"
-        at = next(i for i, line in enumerate(lines) if line.strip().startswith(key))
+        at = -1  # walk down the dotted path: train.transfer.image_size is not train.fit's
+        for part in dotted.split("."):
+            at = next(
+                i for i, line in enumerate(lines) if i > at and line.strip().startswith(part + ":")
+            )
         said = " ".join(lines[at - 1 : at + 2])  # the key's line and the comment lines beside it
         assert "demo value" in said, f"params.yaml: say why {dotted} differs from its default"
 
