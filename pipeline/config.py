@@ -460,6 +460,40 @@ class EvaluateConfig(EvaluateSettings):
     image_size: Annotated[int, Field(ge=32, le=512)] = 64
 
 
+class AuditSettings(_Section):
+    """audit: find images whose label is wrong or that belong to no class (pipeline/audit/)."""
+
+    action: Literal["flag", "drop", "relabel"] = "flag"
+    folds: Annotated[int, Field(ge=2, le=20)] = 5
+    inner_folds: Annotated[int, Field(ge=2, le=10)] = 3
+    c_grid: Annotated[list[PositiveFloat], Field(min_length=1)] = [
+        0.0001,
+        0.001,
+        0.01,
+        0.1,
+        1.0,
+    ]
+    components: Annotated[int, Field(ge=0, le=4096)] = 128
+    rank_by: Literal["self_confidence", "normalized_margin"] = "self_confidence"
+    relabel_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    ood_neighbours: Annotated[int, Field(ge=1, le=500)] = 50
+    ood_threshold: Annotated[float, Field(gt=1)] = 2.5
+    review: Path = Path("data/audit/review.csv")
+    suspects_per_class: Annotated[int, Field(ge=0, le=32)] = 8
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+
+
+class AuditConfig(AuditSettings):
+    """What the audit runs with: the ``audit:`` section plus the global ``seed`` and the transfer
+    model's backbone, weights and input size (its features are that model's frozen base, so the
+    audit follows ``train.transfer``)."""
+
+    seed: int = 42
+    image_size: Annotated[int, Field(ge=32, le=512)] = 64
+    backbone: Backbone = "vgg16"
+    weights: Annotated[str, Field(min_length=1)] = "hed-bsds500"
+
+
 _CRON_FIELD = r"[0-9A-Za-z*/,?#LW-]+"
 _CRON_MACRO = r"@(yearly|annually|monthly|weekly|daily|midnight|hourly)"
 _CRON = rf"^({_CRON_MACRO}|{_CRON_FIELD}(\s+{_CRON_FIELD}){{4}})$"
@@ -543,6 +577,7 @@ class Params(_Section):
     augment: AugmentSettings = AugmentSettings()
     train: TrainSettings = TrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
+    audit: AuditSettings = AuditSettings()
     flow: FlowConfig = FlowConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
@@ -581,6 +616,7 @@ class StageConfigs(BaseModel):
     augment: AugmentConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    audit: AuditConfig = AuditConfig()
     flow: FlowConfig = FlowConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
@@ -601,6 +637,17 @@ def _format_error(err: ValidationError, source: str) -> str:
         )
         lines.append(f"  {key or '<root>'}: {msg}{shown}")
     return f"{source}: invalid parameters\n" + "\n".join(lines)
+
+
+def _audit_config(params: Params) -> AuditConfig:
+    transfer = params.train.transfer
+    return AuditConfig(
+        **params.audit.model_dump(),
+        seed=params.seed,
+        image_size=transfer.input_size(params.train.fit),
+        backbone=transfer.backbone,
+        weights=transfer.weights,
+    )
 
 
 def parse_params(data: Any, source: str = "params.yaml") -> StageConfigs:
@@ -632,6 +679,7 @@ def parse_params(data: Any, source: str = "params.yaml") -> StageConfigs:
         evaluate=EvaluateConfig(
             **params.evaluate.model_dump(), image_size=params.train.fit.image_size
         ),
+        audit=_audit_config(params),
         flow=params.flow,
         export=params.export,
         serve=params.serve,
