@@ -11,6 +11,8 @@ from pathlib import Path
 RAW = Path("data/raw")  # crawl: <class>/<sha256>.<ext> + manifest.jsonl
 CLEAN = Path("data/clean")  # clean: <class>/<sha256>.png + manifest, removed, groups
 SPLIT = Path("data/split")  # split: train.csv, val.csv, test.csv (path, class, group)
+AUDIT = Path("data/audit")  # audit: the audited train/val/test.csv (what training reads),
+# label_issues.csv, features/ (cache); review.csv, a person's decisions, is an input (git)
 AUGMENTED = Path("data/augmented")  # augment (offline mode): augmented copies + manifest.csv
 FEATURES = Path("data/features")  # train-transfer: cached VGG16 features (*.npy)
 MODELS = Path("models")  # train-*: *.keras + <model>.json sidecars
@@ -23,6 +25,8 @@ CRAWL_REPORT = REPORTS / "crawl_report.json"
 CLEAN_REPORT = REPORTS / "clean_report.json"
 CLEAN_DUPLICATES = REPORTS / "clean_duplicates.png"
 SPLIT_REPORT = REPORTS / "split_report.json"
+AUDIT_REPORT = REPORTS / "audit_report.json"
+AUDIT_SUSPECTS = REPORTS / "audit_suspects.png"
 AUGMENT_PREVIEW = REPORTS / "augment_preview.png"
 SUMMARIES = REPORTS / "summaries"  # <stage>.json: each stage's one-line summary and its fields
 STAGE_METRICS = REPORTS / "metrics"  # <stage>.json: a few headline counts (DVC metrics)

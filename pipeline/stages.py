@@ -110,10 +110,18 @@ def _split(cfg: StageConfigs, opts: StageOptions) -> Any:
     return split(cfg.split, paths.CLEAN, paths.SPLIT, report=paths.SPLIT_REPORT)
 
 
+def _audit(cfg: StageConfigs, opts: StageOptions) -> Any:
+    from pipeline.audit import audit
+
+    return audit(
+        cfg.audit, paths.SPLIT, paths.CLEAN, paths.AUDIT, paths.AUDIT_REPORT, paths.AUDIT_SUSPECTS
+    )
+
+
 def _augment(cfg: StageConfigs, opts: StageOptions) -> Any:
     from pipeline.augment import augment
 
-    return augment(cfg.augment, paths.SPLIT, paths.AUGMENTED, preview=paths.AUGMENT_PREVIEW)
+    return augment(cfg.augment, paths.AUDIT, paths.AUGMENTED, preview=paths.AUGMENT_PREVIEW)
 
 
 def _train_baseline(cfg: StageConfigs, opts: StageOptions) -> Any:
@@ -121,7 +129,7 @@ def _train_baseline(cfg: StageConfigs, opts: StageOptions) -> Any:
 
     return train_baseline(
         cfg.train,
-        paths.SPLIT,
+        paths.AUDIT,
         paths.MODELS,
         live_dir=paths.DVCLIVE / "baseline",
         augmented_dir=paths.AUGMENTED,
@@ -133,7 +141,7 @@ def _train_transfer(cfg: StageConfigs, opts: StageOptions) -> Any:
 
     return train_transfer(
         cfg.train,
-        paths.SPLIT,
+        paths.AUDIT,
         paths.MODELS,
         features_dir=paths.FEATURES,
         live_dir=paths.DVCLIVE / "transfer",
@@ -146,7 +154,7 @@ def _train_compare(cfg: StageConfigs, opts: StageOptions) -> Any:
 
     return train_transfer(
         cfg.train,
-        paths.SPLIT,
+        paths.AUDIT,
         paths.MODELS,
         features_dir=COMPARE_FEATURES,
         live_dir=paths.DVCLIVE / "compare",
@@ -160,14 +168,14 @@ def _evaluate(cfg: StageConfigs, opts: StageOptions) -> Any:
     from pipeline.model_card import Provenance
 
     return evaluate(
-        cfg.evaluate, paths.SPLIT, paths.MODELS, paths.REPORTS, Provenance.of_project()
+        cfg.evaluate, paths.AUDIT, paths.MODELS, paths.REPORTS, Provenance.of_project()
     )
 
 
 def _export(cfg: StageConfigs, opts: StageOptions) -> Any:
     from pipeline.export import export
 
-    return export(cfg.export, paths.SPLIT, paths.MODELS, paths.MODEL_METRICS, paths.EXPORT)
+    return export(cfg.export, paths.AUDIT, paths.MODELS, paths.MODEL_METRICS, paths.EXPORT)
 
 
 # --- headline metrics: a few counts per stage, shared key names keep `dvc metrics show` narrow --
@@ -186,6 +194,17 @@ def _split_headline(summary: Any) -> dict[str, int | float]:
     return {"images": used, "dropped": summary.unused}
 
 
+def _audit_headline(summary: Any) -> dict[str, int | float]:
+    return {"images": summary.images, "dropped": summary.dropped, "suspects": summary.suspects}
+
+
+# audit: the CSVs every later stage reads, the issue table and the feature cache. Listed one by
+# one, not data/audit as a whole: data/audit/review.csv, a person's decisions, is its input.
+AUDIT_OUT = (
+    *(paths.AUDIT / f"{split}.csv" for split in ("train", "val", "test")),
+    paths.AUDIT / "label_issues.csv",
+    paths.AUDIT / "features",
+)
 MODELS_OUT = (
     paths.MODELS / "baseline.keras",
     paths.MODELS / "baseline.json",
@@ -238,6 +257,16 @@ STAGES: tuple[Stage, ...] = (
         (paths.SPLIT, paths.SPLIT_REPORT),
         _split,
         _split_headline,
+    ),
+    Stage(
+        "audit",
+        "find wrong labels and foreign images (cleanlab); the audited CSVs in data/audit",
+        "pipeline.audit",
+        ("seed", "audit", "train.fit.image_size", "train.transfer.backbone",
+         "train.transfer.weights", "train.transfer.image_size"),
+        (*AUDIT_OUT, paths.AUDIT_REPORT, paths.AUDIT_SUSPECTS),
+        _audit,
+        _audit_headline,
     ),
     Stage(
         "augment",
