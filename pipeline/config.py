@@ -380,6 +380,13 @@ class TransferConfig(_Section):
             raise ValueError(f"must be imagenet, none, {named} or a path to a .h5/.keras file")
         return weights
 
+    @field_validator("unfreeze", mode="before")
+    @classmethod
+    def _count_as_text(cls, unfreeze: object) -> object:
+        # `unfreeze: 4` in YAML is an int: the last 4 conv layers.
+        is_count = isinstance(unfreeze, int) and not isinstance(unfreeze, bool)
+        return str(unfreeze) if is_count else unfreeze
+
     @field_validator("unfreeze")
     @classmethod
     def _unfreeze_fits_backbone(cls, unfreeze: str, info: ValidationInfo) -> str:

