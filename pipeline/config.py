@@ -224,6 +224,8 @@ class CleanConfig(_Section):
     orb_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
     orb_min_inliers: Annotated[int, Field(ge=4)] = 6
     orb_min_correlation: Annotated[float, Field(ge=-1, le=1)] = 0.8
+    orb_min_overlap: Annotated[float, Field(ge=0, le=1)] = 0.7
+    duplicate_groups: Literal["connected", "star"] = "connected"
     # label conflicts and quality flags
     label_conflicts: Literal["drop", "keep_first"] = "drop"
     drop_flags: list[QualityFlag] = []
@@ -234,6 +236,7 @@ class CleanConfig(_Section):
     odd_aspect_ratio_above: Annotated[float, Field(ge=1)] = 2.5
     odd_size_factor: Annotated[float, Field(gt=1)] = 10.0
     workers: Annotated[int, Field(ge=0, le=256)] = 0
+    dask_address: str | None = None
     # a class with fewer kept images fails the stage (after writing its outputs); 0 = off
     min_images_per_class: Annotated[int, Field(ge=0)] = 20
 

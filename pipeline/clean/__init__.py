@@ -16,7 +16,8 @@ Produces, under ``data/clean/``:
 - ``groups.jsonl`` — every group of two or more raw files found to be the same picture
   (exact pixels, pHash within ``near_dup_max_distance``, the mirrored image's pHash, or
   ORB + RANSAC geometric verification of embedding neighbours), so split keeps each group on
-  one side.
+  one side. A group is every chain of matches (or, ``duplicate_groups: star``, only images
+  matched directly to the kept one).
 - ``issues.csv`` — the per-image quality table (brightness, entropy, sharpness, flags).
 - ``.analysis.jsonl`` — per-image results keyed by file and params, so a killed or re-tuned
   run reuses decoding and hashing instead of redoing it.
@@ -33,27 +34,32 @@ Where each behaviour lives:
 - ``analysis.py``  — analysing every raw file once, resuming from ``.analysis.jsonl``.
 - ``decode.py``    — (worker) decode, validate (missing, corrupt, not_an_image,
                      decompression_bomb, too_small, bad_aspect_ratio), normalise and write one
-                     image; its hashes and thumbnail embedding.
+                     image; its hashes; JPEGs decoded at reduced scale, memory bounded.
+- ``embed.py``     — (worker) the view embeddings pass 2 searches: trimmed, blurred thumbnails
+                     of the whole image and its centre, and of its mirror.
 - ``quality.py``   — quality scores (worker) and flags (blurry, dark, ... odd_size).
 - ``phash.py``     — pass 1: pHash and mirrored-pHash pairs by multi-index Hamming search.
-- ``verify.py``    — pass 2: embedding neighbours confirmed by ORB + RANSAC + correlation.
+- ``neighbours.py`` — pass 2's proposal: nearest neighbours per view in a faiss index.
+- ``verify.py``    — pass 2: neighbours confirmed by ORB + RANSAC (similarity or homography),
+                     overlap of both pictures, and median tile correlation once aligned.
 - ``grouping.py``  — pairs → groups, the representative kept, exact/near duplicates and
                      label conflicts removed, groups.jsonl rows.
 - ``report.py``    — manifest/removed/groups/issues files, the report json, the duplicate
                      sheet, pruning files no manifest row names.
-- ``workers.py``   — the process pool every worker phase shares.
+- ``workers.py``   — the process pool every worker phase shares, or a Dask cluster
+                     (``clean.dask_address``), sized by cores and by memory.
 """
 
+from pipeline.clean.neighbours import view_neighbours
 from pipeline.clean.phash import hamming_pairs, hashes_to_bits
 from pipeline.clean.report import write_duplicate_sheet
 from pipeline.clean.stage import CleanSummary, clean
-from pipeline.clean.verify import embedding_neighbours
 
 __all__ = [
     "CleanSummary",
     "clean",
-    "embedding_neighbours",
     "hamming_pairs",
     "hashes_to_bits",
+    "view_neighbours",
     "write_duplicate_sheet",
 ]

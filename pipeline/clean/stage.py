@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.clean.analysis import analyse_all, compact_log
 from pipeline.clean.decode import DecodeSettings
-from pipeline.clean.grouping import GroupPolicy, MatchedPairs, graph_groups, resolve_groups
+from pipeline.clean.grouping import GroupPolicy, MatchedPairs, resolve_groups
 from pipeline.clean.phash import phash_pairs
 from pipeline.clean.quality import FlagThresholds, flag_all
 from pipeline.clean.records import Analysis, ImageRecord, RawImage, Removal
@@ -71,7 +71,7 @@ def clean(cfg: CleanConfig, raw: Path, out: Path, report: Path) -> CleanSummary:
     raw, out, report = Path(raw), Path(out), Path(report)
     rows = read_raw_manifest(raw)
     settings = DecodeSettings.from_config(cfg)
-    with WorkerPool(worker_count(cfg)) as pool:
+    with WorkerPool(worker_count(cfg), cfg.dask_address) as pool:
         analyses, reused = analyse_all(settings, raw, out, rows, pool)
         outcome = decide(cfg, rows, analyses, out, pool)
     # The lists first, then delete what they do not name (a kill in between leaves only
@@ -168,7 +168,9 @@ def decide(
 
     pairs, pass_counts = _matched_pairs(cfg, candidates, out, pool)
     grouping = resolve_groups(
-        candidates, pairs, GroupPolicy(cfg.label_conflicts, cfg.near_duplicates)
+        candidates,
+        pairs,
+        GroupPolicy(cfg.label_conflicts, cfg.near_duplicates, cfg.duplicate_groups),
     )
     removed += grouping.removals
     kept = [(candidates[i], grouping.group_of[i]) for i in grouping.kept]
@@ -223,8 +225,7 @@ def _matched_pairs(
         pairs.add(i, j, match)
     counts.update(phash_counts)
     if cfg.second_pass and len(candidates) > 1:
-        first_pass = graph_groups(len(candidates), pairs.edges)
-        confirmed, orb_counts = orb_pairs(cfg, candidates, first_pass, out, pool)
+        confirmed, orb_counts = orb_pairs(cfg, candidates, set(pairs.edges), out, pool)
         for i, j, match in confirmed:
             pairs.add(i, j, match)
         counts.update(orb_counts)
