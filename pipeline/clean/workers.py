@@ -1,7 +1,16 @@
-"""The process pool clean's decode and verification phases share.
+"""Where clean's per-image work runs: inline, a local process pool, or a Dask cluster.
 
 Consumes a picklable function and a list of picklable tasks; yields the results in completion
-order with a tqdm bar. ``workers <= 1`` (or a single task) runs inline in the caller.
+order with a tqdm bar. ``workers <= 1`` (or a single task) runs inline in the caller; with
+``clean.dask_address`` the tasks go to that Dask scheduler's workers instead.
+
+What runs where: decode (``analysis.py``: decode, hash, normalise, write the copy), ORB
+description and pair verification (``verify.py``) run on the workers; reading the manifest,
+the analysis log, pHash and neighbour search, grouping and every output file stay in the
+calling process. Dask workers read raw files and write normalised copies by path, so they must
+see the project directory at the same path (a shared file system), as the crawl's do.
+Results are keyed and sorted before use, so the outputs do not depend on where or in which
+order the tasks ran.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ import concurrent.futures
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 from tqdm import tqdm
@@ -20,10 +29,28 @@ from pipeline.config import CleanConfig
 Task = TypeVar("Task")
 Result = TypeVar("Result")
 
+# Peak bytes per decoded pixel in a decode worker: the decoded frame (up to 4 bytes, RGBA)
+# plus its RGB conversion (3), and a margin; JPEGs decode at reduced scale and need far less.
+BYTES_PER_PIXEL = 8
+WORKER_BASE_BYTES = 250 * 2**20  # interpreter, NumPy, OpenCV, Pillow
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
 
 def worker_count(cfg: CleanConfig) -> int:
-    """``clean.workers``, where 0 means one per CPU core."""
-    return cfg.workers or (os.cpu_count() or 1)
+    """``clean.workers`` (0: one per CPU core), lowered so that every worker can hold an image
+    of ``clean.max_image_pixels`` in the memory available now."""
+    wanted = cfg.workers or (os.cpu_count() or 1)
+    available = _available_memory()
+    if available is None:
+        return wanted
+    per_worker = WORKER_BASE_BYTES + BYTES_PER_PIXEL * cfg.max_image_pixels
+    return max(1, min(wanted, available // per_worker))
 
 
 def _worker_init() -> None:
@@ -36,14 +63,17 @@ def _worker_init() -> None:
 
 
 class WorkerPool:
-    """Runs a phase's tasks inline or on one process pool shared by every phase of a run.
+    """Runs a phase's tasks inline, on one process pool shared by every phase of a run, or on
+    a Dask cluster at ``dask_address``.
 
-    Use as a context manager; the pool (if one was started) is shut down on exit.
+    Use as a context manager; the pool or Dask client (if one was started) is closed on exit.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, dask_address: str | None = None) -> None:
         self.workers = workers
+        self.dask_address = dask_address
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._client: Any = None
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -56,6 +86,9 @@ class WorkerPool:
     ) -> Iterator[Result]:
         """Results of ``function`` over ``tasks`` in completion order, with a tqdm bar."""
         with tqdm(total=len(tasks), desc=desc, unit=unit) as bar:
+            if self.dask_address:
+                yield from self._dask_map(function, tasks, bar)
+                return
             if self.workers <= 1 or len(tasks) < 2:
                 for task in tasks:
                     yield function(task)
@@ -75,7 +108,23 @@ class WorkerPool:
                 yield future.result()
                 bar.update()
 
+    def _dask_map(
+        self, function: Callable[[Task], Result], tasks: Sequence[Task], bar: tqdm
+    ) -> Iterator[Result]:
+        from distributed import Client, as_completed
+
+        if self._client is None:
+            self._client = Client(self.dask_address)
+            self._client.run(_worker_init)
+        futures = self._client.map(function, list(tasks), pure=False)
+        for future in as_completed(futures):
+            yield future.result()
+            bar.update()
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
