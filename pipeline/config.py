@@ -487,7 +487,7 @@ class AuditSettings(_Section):
     rank_by: Literal["self_confidence", "normalized_margin"] = "self_confidence"
     relabel_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
     ood_neighbours: Annotated[int, Field(ge=1, le=500)] = 50
-    ood_threshold: Annotated[float, Field(gt=1)] = 2.5
+    ood_threshold: Annotated[float, Field(gt=0)] = 2.5
     review: Path = Path("data/audit/review.csv")
     suspects_per_class: Annotated[int, Field(ge=0, le=32)] = 8
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64

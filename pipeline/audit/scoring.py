@@ -30,7 +30,7 @@ class Scores:
     pred_probs: np.ndarray  # [n, classes] out-of-sample probabilities
     label_quality: np.ndarray  # [n] cleanlab's label quality (rank_by): low = suspect
     label_issue: np.ndarray  # [n] bool: cleanlab's find_label_issues
-    ood_score: np.ndarray  # [n] mean distance to the k nearest images over the median one
+    ood_score: np.ndarray  # [n] robust z-score of the mean distance to the k nearest images
     foreign: np.ndarray  # [n] bool: ood_score above audit.ood_threshold
     chosen_c: tuple[float, ...]  # the C the inner CV chose, per outer fold
     folds: int
@@ -127,8 +127,10 @@ def _issues(labels: np.ndarray, probs: np.ndarray, cfg: AuditConfig) -> tuple[np
 
 
 def ood_scores(features: np.ndarray, cfg: AuditConfig) -> np.ndarray:
-    """cleanlab's OutOfDistribution on the features (cosine k-NN), as distance over the median:
-    1 is a typical image, 3 is three times as far from its k nearest images as the typical one.
+    """How foreign each image looks: cleanlab's OutOfDistribution on the features (mean cosine
+    distance to the k nearest images), as a robust z-score: how many (MAD-estimated) standard
+    deviations farther from its neighbours than the median image. A z-score, not the distance,
+    so one threshold fits every backbone (their distance scales differ several-fold).
 
     k (``audit.ood_neighbours``) must exceed any cluster of foreign images (a site's logos repeat)
     or they vouch for each other."""
@@ -136,12 +138,15 @@ def ood_scores(features: np.ndarray, cfg: AuditConfig) -> np.ndarray:
 
     k = min(cfg.ood_neighbours, len(features) - 1)
     if k < 1:
-        return np.ones(len(features))
+        return np.zeros(len(features))
     ood = OutOfDistribution(params={"k": k, "t": 1})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scores = ood.fit_score(features=features, verbose=False)
-    return -np.log(np.clip(scores, 1e-300, 1.0))
+    distance = -np.log(np.clip(scores, 1e-300, 1.0))  # mean k-NN distance over the median one
+    median = np.median(distance)
+    spread = 1.4826 * np.median(np.abs(distance - median))
+    return (distance - median) / max(float(spread), 1e-12)
 
 
 def score(

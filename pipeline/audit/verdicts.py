@@ -81,7 +81,7 @@ def _measured(image: AuditImage, scores: Scores, row: int, class_names: list[str
             f"{class_names[best]} {probs[best]:.2f}"
         )
     if scores.foreign[row]:
-        parts.append(f"foreign: {scores.ood_score[row]:.2f}× the typical neighbour distance")
+        parts.append(f"foreign: k-NN distance {scores.ood_score[row]:.1f} robust SDs over median")
     return "; ".join(parts)
 
 
