@@ -2,8 +2,10 @@
 
 Consumes (nothing else; ``evaluate`` takes each as an argument):
 
-- ``data/split/test.csv`` (path, class, group; paths relative to the CSV) and the images it
-  names, plus ``train.csv``/``val.csv`` beside it for the model card's split sizes;
+- ``data/audit/test.csv`` (the audited split: path, class, group; paths relative to the CSV)
+  and the images it names, plus ``train.csv``/``val.csv`` beside it for the model card's split
+  sizes, and ``label_issues.csv`` beside it when the label audit ran (its test rows with verdict
+  ``flag`` are the suspect test labels: accuracy is also given without them);
 - ``models/<name>.keras`` with its sidecar ``models/<name>.json`` (class_names, image_size,
   weights, versions and the training settings under ``train``) for each name in
   ``evaluate.models``;
@@ -67,6 +69,7 @@ MODEL_METRICS_DIR = paths.MODEL_METRICS.relative_to(paths.REPORTS)
 EVALUATION_FILE = paths.EVALUATION.relative_to(paths.REPORTS)
 MODEL_CARD_FILE = paths.MODEL_CARD.relative_to(paths.REPORTS)
 HEADLINE = ("accuracy", "macro_f1", "log_loss", "roc_auc")
+AUDIT_TABLE = "label_issues.csv"  # the label audit's table beside its test.csv (pipeline/audit/)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +323,38 @@ def _test_probabilities(
     return as_probabilities(raw, len(loaded.class_names))
 
 
+def _suspect_test_rows(split_dir: Path, test_rows: SplitRows) -> np.ndarray | None:
+    """Which test rows the label audit still suspects (test rows of ``label_issues.csv`` with
+    verdict ``flag``, paths resolved like the CSV's), or None when no audit table is there."""
+    from pipeline.files import read_csv
+
+    table = split_dir / AUDIT_TABLE
+    if not table.is_file():
+        return None
+    suspects = {
+        split_dir / row["path"]
+        for row in read_csv(table)
+        if row.get("split") == "test" and row.get("verdict") == "flag"
+    }
+    return np.array([path in suspects for path in test_rows.paths], dtype=bool)
+
+
+def _audit_scores(
+    y_true: np.ndarray, proba: np.ndarray, suspect: np.ndarray | None
+) -> dict[str, Any] | None:
+    """Accuracy on every test image and on those whose label the audit does not suspect."""
+    if suspect is None:
+        return None
+    right = proba.argmax(axis=1) == y_true
+    kept = ~suspect
+    return {
+        "test_images": len(y_true),
+        "test_suspects": int(suspect.sum()),
+        "accuracy_all": float(right.mean()) if len(right) else None,
+        "accuracy_unsuspected": float(right[kept].mean()) if kept.any() else None,
+    }
+
+
 def _write_metrics(scores: dict[str, dict[str, Any]], metrics_dir: Path) -> Path:
     """One headline file per scored model; files of models not scored this run are removed, so
     promotion never reads a stale score. Returns ``metrics_dir``."""
@@ -349,12 +384,14 @@ def evaluate(
     from pipeline.dataset import label_indices, load_split
 
     test_rows = load_split(split_dir / "test.csv")
+    suspect = _suspect_test_rows(split_dir, test_rows)
     models, skipped = _load_models(cfg, models_dir, reports_dir)
     scores: dict[str, dict[str, Any]] = {}
     for name, loaded in models.items():
         y_true = label_indices(test_rows, loaded.class_names)
         proba = _test_probabilities(cfg, loaded, test_rows)
         scores[name] = compute_metrics(y_true, proba, loaded.class_names, cfg.top_k)
+        scores[name]["label_audit"] = _audit_scores(y_true, proba, suspect)
         _write_model_outputs(cfg, name, loaded, test_rows, y_true, proba, reports_dir)
 
     metrics_dir = _write_metrics(scores, reports_dir / MODEL_METRICS_DIR)

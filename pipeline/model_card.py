@@ -316,6 +316,32 @@ def _limitations_section(
     ]
 
 
+def _label_audit_section(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """How many test labels the label audit suspects, and accuracy with and without them."""
+    audits = {name: m["label_audit"] for name, m in metrics.items() if m.get("label_audit")}
+    if not audits:
+        return []
+    first = next(iter(audits.values()))
+    total, suspects = first["test_images"], first["test_suspects"]
+    lines = [
+        "## Test labels (label audit)",
+        "",
+        f"The label audit (`python -m pipeline audit`) suspects **{suspects} of the {total} test "
+        f"labels** ({suspects / max(total, 1):.1%}): wrong class, or an image of no class. A "
+        "wrong test label scores a right prediction as wrong, so accuracy is given on every test "
+        "image and on the unsuspected ones. Only a person's review (audit.review) changes a test "
+        "label.",
+        "",
+        "| model | accuracy, all test images | accuracy, unsuspected test images |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {_fmt(a['accuracy_all'])} | {_fmt(a['accuracy_unsuspected'])} |"
+        for name, a in audits.items()
+    ]
+    return [*lines, ""]
+
+
 def write_model_card(
     out: Path,
     metrics: Mapping[str, Mapping[str, Any]],
@@ -340,6 +366,7 @@ def write_model_card(
         lines += _comparison_section(metrics, models, cfg.top_k)
     lines += [f"- Not evaluated: **{name}** — {reason}." for name, reason in skipped.items()]
     lines.append("")
+    lines += _label_audit_section(metrics)
     sizes = split_sizes(split_dir)
     lines += _provenance_section(provenance)
     lines += _split_section(sizes)
