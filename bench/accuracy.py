@@ -200,8 +200,9 @@ def print_table(results: Path) -> None:
             cells.append(f"{m:+.3f} ± {h:.3f}" if diffs else "—")
         print(f"| {model} | " + " | ".join(cells) + " |")
     for n in sizes:
-        seconds = [r["seconds"] for r in rows if r["n"] == n]
-        print(f"n = {n}: {len(seconds)} rows, {sum(seconds):.0f} s of training")
+        # both rows of one transfer run carry that run's time: count it once
+        seconds = {(r["seed"], r["seconds"]) for r in rows if r["n"] == n}
+        print(f"n = {n}: {sum(t for _, t in seconds):.0f} s of training over all seeds")
 
 
 def main() -> int:
