@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 from statistics import mean, stdev
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from PIL import Image
@@ -40,6 +41,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+if TYPE_CHECKING:
+    from pipeline.config import TrainConfig
+    from pipeline.train import TransferSection
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 NAMES = (
@@ -100,12 +105,8 @@ def test_accuracy(model_path: Path, split_dir: Path) -> float:
     return float((predicted == label_indices(rows, sidecar["class_names"])).mean())
 
 
-def _label(cfg_section: object) -> str:
-    return f"{cfg_section.backbone} ({cfg_section.weights})"  # type: ignore[attr-defined]
-
-
 def run_one(
-    cfg: object, split_dir: Path, work: Path, sections: list[str]
+    cfg: TrainConfig, split_dir: Path, work: Path, sections: list[TransferSection]
 ) -> list[dict[str, object]]:
     """Every row for one split: (row label, test accuracy, training seconds)."""
     import keras
@@ -114,9 +115,8 @@ def run_one(
 
     out: list[dict[str, object]] = []
     for augment in (False, True):
-        run_cfg = cfg.model_copy(  # type: ignore[attr-defined]
-            update={"baseline": cfg.baseline.model_copy(update={"augment": augment})}  # type: ignore[attr-defined]
-        )
+        baseline = cfg.baseline.model_copy(update={"augment": augment})
+        run_cfg = cfg.model_copy(update={"baseline": baseline})
         models_dir = work / f"models_aug{int(augment)}"
         started = time.monotonic()
         train_baseline(run_cfg, split_dir, models_dir, work / f"live_aug{int(augment)}")
@@ -131,7 +131,7 @@ def run_one(
         )
         keras.backend.clear_session()
     for section in sections:
-        tcfg = getattr(cfg, section)
+        tcfg = cfg.compare if section == "compare" else cfg.transfer
         started = time.monotonic()
         models_dir = work / f"models_{section}"
         train_transfer(
@@ -141,7 +141,7 @@ def run_one(
             work / f"features_{section}",
             work / f"live_{section}",
             section=section,
-        )  # type: ignore[arg-type]
+        )
         seconds = time.monotonic() - started
         for phase, suffix in (
             ("features", "features"),
@@ -149,7 +149,11 @@ def run_one(
         ):
             accuracy = test_accuracy(models_dir / f"{section}_{suffix}.keras", split_dir)
             out.append(
-                {"model": f"{_label(tcfg)} {phase}", "accuracy": accuracy, "seconds": seconds}
+                {
+                    "model": f"{tcfg.backbone} ({tcfg.weights}) {phase}",
+                    "accuracy": accuracy,
+                    "seconds": seconds,
+                }
             )
         keras.backend.clear_session()
     return out
@@ -255,7 +259,8 @@ def main() -> int:
             split_dir = write_fashion_split(work, classes, n, seed)
             cfg = base_cfg.model_copy(update={"seed": seed})
             started = time.monotonic()
-            rows = run_one(cfg, split_dir, work, args.sections.split(","))
+            sections = cast("list[TransferSection]", args.sections.split(","))
+            rows = run_one(cfg, split_dir, work, sections)
             with open(args.results, "a") as fh:
                 for row in rows:
                     fh.write(json.dumps({"n": n, "seed": seed, "classes": classes, **row}) + "\n")
