@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import AuditConfig, StageError
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,9 @@ class Scores:
     noise_rate: dict[str, list[float]]
 
 
-def _classifier(cfg: AuditConfig, inner_folds: int, n_rows: int, n_features: int):  # type: ignore[no-untyped-def]
+def _classifier(cfg: AuditConfig, inner_folds: int, n_rows: int, n_features: int) -> Pipeline:
+    """Standardise → PCA (``audit.components``) → logistic regression with C picked by an inner
+    stratified CV on log loss."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
