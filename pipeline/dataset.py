@@ -141,6 +141,72 @@ def make_dataset(
     return ds.prefetch(autotune)
 
 
+@dataclass(frozen=True)
+class EpochBatches:
+    """Training batches whose order is a function of (seed, epoch) alone.
+
+    ``reshuffle_each_iteration`` draws each epoch's order from a sequence that restarts with the
+    process, so a run resumed at epoch k would see epoch 0's order again and drift from the run
+    it replaces. Here epoch e is shuffled with its own seed, so ``for_epochs(k, n)`` gives exactly
+    the batches an uninterrupted run would have seen from epoch k on (augmentation is seeded by
+    the batch's pixels, so it follows). Pass ``steps_per_epoch`` to ``fit``, which then keeps
+    one iterator across epochs.
+    """
+
+    examples: tf.data.Dataset  # unbatched, unshuffled (and cached) (x, y) pairs
+    size: int
+    batch_size: int
+    seed: int
+    augment: Callable[[tf.Tensor], tf.Tensor] | None = None
+    as_float: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-self.size // self.batch_size))
+
+    def for_epochs(self, first: int, last: int) -> tf.data.Dataset:
+        """The batches of epochs ``first`` .. ``last - 1``, one after the other."""
+        seed = tf.constant(self.seed, tf.int64)
+
+        def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+            order = self.examples.shuffle(
+                self.size, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False
+            )
+            return order.batch(self.batch_size)
+
+        ds = tf.data.Dataset.range(first, max(first, last)).flat_map(one_epoch)
+        autotune = tf.data.AUTOTUNE
+        if self.augment is not None:
+            augment = self.augment
+            ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=autotune)
+        if self.as_float:
+            ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
+        return ds.prefetch(autotune)
+
+
+def epoch_batches(
+    rows: SplitRows,
+    class_names: Sequence[str],
+    image_size: int,
+    batch_size: int,
+    *,
+    seed: int,
+    augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
+    cache: bool = True,
+) -> EpochBatches:
+    """``make_dataset``'s training batches as EpochBatches (same decode, cache and augment)."""
+    labels = label_indices(rows, class_names)
+    files = tf.data.Dataset.from_tensor_slices(([str(p) for p in rows.paths], labels))
+
+    def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return decode_and_resize(tf.io.read_file(path), image_size), label
+
+    examples = files.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cache:
+        examples = examples.cache()
+    return EpochBatches(examples, len(rows), batch_size, seed, augment)
+
+
 def load_images(paths: Sequence[Path | str], image_size: int) -> np.ndarray:
     """Load image files exactly as training does, for predict: float32 ``[N, S, S, 3]``, 0–255.
 

