@@ -46,11 +46,23 @@ def sh(args: list[str], cwd: Path) -> float:
 
 
 def tiny_project(where: Path) -> Path:
-    for name in ("pipeline", "flows", "demo", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc"):
+    for name in (
+        "pipeline",
+        "flows",
+        "demo",
+        "plots_template",
+        "dvc.yaml",
+        ".dvcignore",
+        ".gitignore",
+        ".dvc",
+        "data/.gitignore",
+        "data/audit/review.csv",
+    ):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, where / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, where / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["crawl"]["max_images_per_class"] = 16

@@ -152,6 +152,7 @@ def make_project(where: Path, port: int) -> Path:
                 source, where / name, ignore=shutil.ignore_patterns("__pycache__", "tmp")
             )
         elif source.exists():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, where / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["classes"] = [

@@ -28,7 +28,18 @@ from flows.promote import promote
 from pipeline.config import ParamsError, PromotionConfig, StageError
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("pipeline", "flows", "demo", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc")
+PROJECT_FILES = (
+    "pipeline",
+    "flows",
+    "demo",
+    "plots_template",
+    "dvc.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc",
+    "data/.gitignore",
+    "data/audit/review.csv",  # a person's label decisions: tracked in git, a dep of the audit
+)
 MODELS = ("baseline", "transfer_features", "transfer_finetuned")
 TRAINING = ("train-baseline", "train-transfer")
 
@@ -47,6 +58,7 @@ def make_project(where: Path) -> Path:
                 source, where / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
             )
         elif source.exists():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, where / name)
     (where / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     run_command(["git", "init", "-q"], where)
