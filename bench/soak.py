@@ -51,6 +51,8 @@ PROJECT_FILES = (
     ".dvcignore",
     ".gitignore",
     ".dvc",
+    "data/.gitignore",
+    "data/audit/review.csv",  # a person's label decisions: tracked in git, a dep of the audit
 )
 NO_CHANGE_TARGET_S = 10.0
 
