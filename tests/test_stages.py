@@ -43,7 +43,9 @@ def _imported_modules(module: str) -> set[str]:
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         if path.name == "__init__.py":  # a package's modules are all part of it
             todo += [f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__"]
-            todo += [f"{name}.{p.name}" for p in path.parent.iterdir() if (p / "__init__.py").exists()]
+            todo += [
+                f"{name}.{p.name}" for p in path.parent.iterdir() if (p / "__init__.py").exists()
+            ]
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
