@@ -152,6 +152,16 @@ class PhaseResult:
         return {k: getattr(self, k) for k in ("epochs", "best_epoch", "val_loss", "val_accuracy")}
 
 
+def _best_so_far(best: Path, earlier: list[dict[str, float]]) -> float | None:
+    """The val loss a resumed run's checkpoint must beat: the best of the epochs already done,
+    or none when there are none or the kill tore the checkpoint (ModelCheckpoint does not write
+    atomically; the torn file is removed)."""
+    if best.exists() and not _is_complete_zip(best):
+        best.unlink()
+        return None
+    return min((row["val_loss"] for row in earlier), default=None)
+
+
 def fit_phase(
     model: keras.Model,
     train_batches: EpochBatches,
@@ -177,18 +187,15 @@ def fit_phase(
     metadata = backup / "training_metadata.json"
     resumed_from = json.loads(metadata.read_text())["epoch"] if metadata.is_file() else 0
     earlier = read_history(history_csv)[:resumed_from]
-    # A resumed run must only replace the checkpoint with something better than what it has,
-    # unless the kill tore the checkpoint itself (ModelCheckpoint does not write atomically).
-    threshold = min((row["val_loss"] for row in earlier), default=None)
-    if best.exists() and not _is_complete_zip(best):
-        best.unlink()
-        threshold = None
     curves = LiveLogger(live, step_offset, phase)
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True),
         keras.callbacks.CSVLogger(str(history_csv), append=resumed_from > 0),
         keras.callbacks.ModelCheckpoint(
-            str(best), monitor="val_loss", save_best_only=True, initial_value_threshold=threshold
+            str(best),
+            monitor="val_loss",
+            save_best_only=True,
+            initial_value_threshold=_best_so_far(best, earlier),
         ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
         EpochSeeds(),
