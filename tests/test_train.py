@@ -163,37 +163,6 @@ def test_offline_augment_mode_without_the_augment_stage_names_the_missing_csv(
         )
 
 
-def test_killed_baseline_run_resumes_from_its_last_finished_epoch(tmp_path: Path) -> None:
-    split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
-    cfg = tiny_config(fit={"patience": 100}, baseline={"epochs": 10, "augment": False})
-    history = tmp_path / "models" / ".backup" / "baseline" / "phase1" / "history.csv"
-    script = (
-        "import sys; from pathlib import Path; from pipeline.config import TrainConfig; "
-        "from pipeline.train import train_baseline; "
-        "train_baseline(TrainConfig.model_validate_json(sys.argv[1]), Path(sys.argv[2]), "
-        "Path(sys.argv[3]), Path(sys.argv[4]))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    args = [cfg.model_dump_json(), split_dir, tmp_path / "models", tmp_path / "dvclive"]
-    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env)
-    deadline = time.monotonic() + 120
-    while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline, "no epoch finished within 120 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-    summary = train_baseline(cfg, split_dir, tmp_path / "models", tmp_path / "dvclive")
-
-    resumed_from = summary.resumed_from_epoch["baseline"]
-    assert 2 <= resumed_from < 10
-    sidecar = json.loads((tmp_path / "models" / "baseline.json").read_text())
-    assert sidecar["epochs"] == 10  # history kept across the kill: no epoch redone or lost
-    steps = [int(r["step"]) for r in _tsv_rows(tmp_path / "dvclive/plots/metrics/train/loss.tsv")]
-    assert steps[-1] == 9 and len(set(steps)) == len(steps)
-
-
 def _kill_after_epochs(cfg: TrainConfig, split_dir: Path, root: Path, finished: int) -> None:
     """Run train_baseline in a child process and SIGKILL it once ``finished`` epochs are done."""
     history = root / "models" / ".backup" / "baseline" / "phase1" / "history.csv"
@@ -213,6 +182,21 @@ def _kill_after_epochs(cfg: TrainConfig, split_dir: Path, root: Path, finished: 
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_killed_baseline_run_resumes_from_its_last_finished_epoch(tmp_path: Path) -> None:
+    split_dir = write_split(tmp_path, train_per_class=4, val_per_class=4)
+    cfg = tiny_config(fit={"patience": 100}, baseline={"epochs": 10, "augment": False})
+    _kill_after_epochs(cfg, split_dir, tmp_path, finished=2)
+
+    summary = train_baseline(cfg, split_dir, tmp_path / "models", tmp_path / "dvclive")
+
+    resumed_from = summary.resumed_from_epoch["baseline"]
+    assert 2 <= resumed_from < 10
+    sidecar = json.loads((tmp_path / "models" / "baseline.json").read_text())
+    assert sidecar["epochs"] == 10  # history kept across the kill: no epoch redone or lost
+    steps = [int(r["step"]) for r in _tsv_rows(tmp_path / "dvclive/plots/metrics/train/loss.tsv")]
+    assert steps[-1] == 9 and len(set(steps)) == len(steps)
 
 
 def test_a_killed_and_resumed_run_is_the_run_it_replaced(tmp_path: Path) -> None:

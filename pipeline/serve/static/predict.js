@@ -4,20 +4,7 @@
 const drop = document.getElementById("drop");
 const input = document.getElementById("files");
 const results = document.getElementById("results");
-const errorBox = document.getElementById("error");
 let topK = 5;
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
-function showError(message) {
-  errorBox.textContent = message;
-  errorBox.hidden = !message;
-}
 
 function renderPrediction(prediction, file) {
   const card = el("div", "prediction");

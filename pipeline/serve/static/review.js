@@ -4,19 +4,6 @@
 
 const groupsBox = document.getElementById("groups");
 const summary = document.getElementById("summary");
-const errorBox = document.getElementById("error");
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
-function showError(message) {
-  errorBox.textContent = message;
-  errorBox.hidden = !message;
-}
 
 function markDecided(card, decision) {
   card.classList.remove("decided-keep", "decided-drop", "decided-relabel");
