@@ -61,9 +61,9 @@ def _add_crawl_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
-        description="crawl2model: crawl images, clean, split, augment, train and evaluate. "
-        "Each stage reads params.yaml and the previous stage's files; `dvc repro` runs them "
-        "all in order and skips what is up to date.",
+        description="crawl2model: crawl images, clean, split, audit labels, augment, train, "
+        "evaluate and export. Each stage reads params.yaml and the previous stage's files; "
+        "`dvc repro` runs them all in order and skips what is up to date.",
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage in stages.STAGES:
