@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from clone_like import copy_tracked  # bench/clone_like.py, beside this script
 
 from pipeline import stages
 
@@ -46,24 +46,7 @@ def sh(args: list[str], cwd: Path) -> float:
 
 
 def tiny_project(where: Path) -> Path:
-    for name in (
-        "pipeline",
-        "flows",
-        "demo",
-        "plots_template",
-        "dvc.yaml",
-        ".dvcignore",
-        ".gitignore",
-        ".dvc",
-        "data/.gitignore",
-        "data/audit/review.csv",
-    ):
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, where / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif source.exists():
-            (where / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, where / name)
+    copy_tracked(where)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["crawl"]["max_images_per_class"] = 16
     params["crawl"]["min_images_per_class"] = 1

@@ -38,22 +38,11 @@ from typing import Any
 
 import numpy as np
 import yaml
+from clone_like import copy_tracked  # bench/clone_like.py, beside this script
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("red", "green", "blue")
-PROJECT_FILES = (
-    "pipeline",
-    "flows",
-    "demo",
-    "plots_template",
-    "dvc.yaml",
-    ".dvcignore",
-    ".gitignore",
-    ".dvc",
-    "data/.gitignore",
-    "data/audit/review.csv",  # a person's label decisions: tracked in git, a dep of the audit
-)
 NO_CHANGE_TARGET_S = 10.0
 
 
@@ -146,16 +135,7 @@ class SiteServer:
 
 
 def make_project(where: Path, port: int) -> Path:
-    where.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(
-                source, where / name, ignore=shutil.ignore_patterns("__pycache__", "tmp")
-            )
-        elif source.exists():
-            (where / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, where / name)
+    copy_tracked(where)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["classes"] = [
         {"name": c, "seeds": [f"http://127.0.0.1:{port}/{c}/index.html"]} for c in CLASSES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,30 @@ def tiny_params(images_per_class: int = 16) -> dict[str, Any]:
     params["train"]["transfer"]["fine_tune_epochs"] = 1
     params.setdefault("flow", {}).update(crawl_retries=2, crawl_retry_backoff_s=0)
     return params
+
+
+def copy_tracked(dest: Path) -> Path:
+    """Copy the files git tracks in this repo into ``dest`` — what a fresh clone holds — less
+    ``dvc.lock``, so DVC runs every stage there. Returns ``dest``."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for name in filter(None, tracked):
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    return dest
+
+
+# Headless Debian chromium on this kind of machine: root needs --no-sandbox, and with no network
+# the background fetches would only fail (and slow every start).
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)

@@ -20,7 +20,7 @@ import yaml
 # Prefect keeps its profile and local storage under PREFECT_HOME: never the user's ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="crawl2model-prefect-"))
 
-from conftest import run_command, tiny_params
+from conftest import copy_tracked, run_command, tiny_params
 
 from flows import pipeline_flow
 from flows.params import resolve_params, write_params
@@ -28,18 +28,6 @@ from flows.promote import promote
 from pipeline.config import ParamsError, PromotionConfig, StageError
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = (
-    "pipeline",
-    "flows",
-    "demo",
-    "plots_template",
-    "dvc.yaml",
-    ".dvcignore",
-    ".gitignore",
-    ".dvc",
-    "data/.gitignore",
-    "data/audit/review.csv",  # a person's label decisions: tracked in git, a dep of the audit
-)
 MODELS = ("baseline", "transfer_features", "transfer_finetuned")
 TRAINING = ("train-baseline", "train-transfer")
 
@@ -51,15 +39,7 @@ TRAINING = ("train-baseline", "train-transfer")
 def make_project(where: Path) -> Path:
     """A fresh git + DVC project like a clone of this repo, with tiny params committed."""
     where.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(
-                source, where / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
-            )
-        elif source.exists():
-            (where / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, where / name)
+    copy_tracked(where)
     (where / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     run_command(["git", "init", "-q"], where)
     run_command(["git", "config", "user.email", "test@example.invalid"], where)

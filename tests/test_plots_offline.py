@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_DIR = ROOT / "plots_template"
@@ -112,13 +113,7 @@ def _render_dom(page: Path, tmp_path: Path) -> str:
     result = subprocess.run(
         [
             chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
+            *CHROMIUM_FLAGS,
             "--proxy-server=http://127.0.0.1:9",  # nothing listens: any fetch fails, as offline
             f"--user-data-dir={tmp_path / 'chromium-profile'}",
             "--virtual-time-budget=5000",

@@ -16,20 +16,12 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from conftest import CHROMIUM_FLAGS
 from servekit import image_bytes, write_label_issues, write_project
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-dev-shm-usage",
-)
+FLAGS = (*CHROMIUM_FLAGS, "--disable-dev-shm-usage")
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_command, tiny_params
+from conftest import copy_tracked, run_command, tiny_params
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("baseline", "transfer_features", "transfer_finetuned")
@@ -20,15 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh git clone-alike of the project: tracked files only, tiny params committed."""
-    repo = tmp_path_factory.mktemp("repo")
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split("\0")
-    for name in filter(None, tracked):
-        target = repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target)
-    (repo / "dvc.lock").unlink(missing_ok=True)
+    repo = copy_tracked(tmp_path_factory.mktemp("repo"))
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(images_per_class=24)))
     run_command(["git", "init", "-q"], repo)
     run_command(["git", "config", "user.email", "test@example.invalid"], repo)
