@@ -16,6 +16,7 @@ dvc.yaml all use this one table, so they cannot disagree on what the stages are.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,8 +374,6 @@ def run_stage(name: str, cfg: StageConfigs, options: StageOptions = StageOptions
 
 def read_summary(root: Path, name: str) -> str | None:
     """The one-line summary the last run of stage ``name`` wrote under ``root``, if any."""
-    import json
-
     path = root / get(name).summary_path
     try:
         return str(json.loads(path.read_text(encoding="utf-8"))["summary"])
