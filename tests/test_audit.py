@@ -150,12 +150,13 @@ def test_flag_mode_leaves_the_split_csvs_byte_identical(project: Project) -> Non
     assert summary.dropped == 0 and summary.suspects >= len(project.planted)
 
 
-def test_drop_removes_exactly_the_flagged_train_val_rows_and_never_test_rows(
+def test_drop_removes_exactly_the_drop_verdict_train_val_rows_and_never_test_rows(
     project: Project,
 ) -> None:
     summary = project.run(action="drop")
 
     dropped = {r["sha256"] for r in project.issues() if r["verdict"] == "drop"}
+    assert {sha for sha, split in project.planted.items() if split == "train"} <= dropped
     test_suspects = {r["sha256"] for r in project.issues() if r["split"] == "test"}
     for split in ("train", "val"):
         before = [Path(r["path"]).stem for r in read_csv(project.split / f"{split}.csv")]
@@ -166,6 +167,23 @@ def test_drop_removes_exactly_the_flagged_train_val_rows_and_never_test_rows(
         "flag"
     }
     assert summary.dropped == len(dropped) >= 2
+
+
+def test_drop_keeps_label_issues_above_drop_below_in_training_flagged_for_review(
+    project: Project,
+) -> None:
+    # drop_below 0: no label quality is below it, so every label issue is only flagged
+    summary = project.run(action="drop", drop_below=0.0, ood_threshold=1000.0)
+
+    rows = [r for r in project.issues() if r["split"] != "test"]
+    planted = {sha for sha, split in project.planted.items() if split == "train"}
+    assert planted <= {r["sha256"] for r in rows if r["issue"] == "label"}
+    assert {r["verdict"] for r in rows} == {"flag"} and summary.dropped == 0
+    assert all("audit.drop_below" in r["reason"] for r in rows)
+    for split in ("train", "val"):
+        assert (project.out / f"{split}.csv").read_bytes() == (
+            project.split / f"{split}.csv"
+        ).read_bytes()
 
 
 def test_relabel_moves_a_confident_suspect_to_its_suggested_class(project: Project) -> None:

@@ -10,8 +10,14 @@ Rules, in order:
 1. A person's review (keep | drop | relabel:<class>) always wins, in every split.
 2. An image that is neither a label issue nor foreign is ``ok``.
 3. A test image is never changed automatically: its verdict is ``flag``.
-4. ``action: flag``: ``flag``. ``drop``: ``drop``. ``relabel``: a label issue whose suggested class
-   has probability ≥ ``relabel_threshold`` (and is not foreign) is ``relabel``ed; others ``drop``.
+4. ``action: flag``: ``flag``.
+5. ``action: relabel``: a label issue whose suggested class has probability ≥
+   ``relabel_threshold`` (and is not foreign) is ``relabel``ed.
+6. ``action: drop`` or ``relabel``: a confident suspect is ``drop``ped: a foreign image, or a
+   label issue whose label quality is below ``drop_below``. The other label issues stay in
+   training as ``flag`` (listed for a person's review): at the audit's precision on look-alike
+   classes, removing every label issue also removes many correctly labelled hard images
+   (bench/RESULTS.md, "Label audit").
 """
 
 from __future__ import annotations
@@ -105,7 +111,10 @@ def _automatic(
         and confident
     ):
         return "relabel", class_names[best], reason
-    return "drop", None, reason
+    if scores.foreign[row] or scores.label_quality[row] < cfg.drop_below:
+        return "drop", None, reason
+    kept = f"label quality {scores.label_quality[row]:.2f} ≥ audit.drop_below {cfg.drop_below}"
+    return "flag", image.label, f"{reason}; {kept}: kept, a review decides"
 
 
 def decide(

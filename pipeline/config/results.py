@@ -65,8 +65,11 @@ class AuditSettings(_Section):
     components: Annotated[int, Field(ge=0, le=4096)] = 128
     rank_by: Literal["self_confidence", "normalized_margin"] = "self_confidence"
     relabel_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # action drop/relabel: a label issue is removed only when its label quality is below this
+    # (a confident suspect); the others stay in training, flagged for review
+    drop_below: Annotated[float, Field(ge=0, le=1)] = 0.15
     ood_neighbours: Annotated[int, Field(ge=1, le=500)] = 50
-    ood_threshold: Annotated[float, Field(gt=0)] = 2.5
+    ood_threshold: Annotated[float, Field(gt=0)] = 2.0
     review: Path = Path("data/audit/review.csv")
     suspects_per_class: Annotated[int, Field(ge=0, le=32)] = 8
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
