@@ -10,10 +10,13 @@ split → audit, and prints against the truth (recorded per image URL):
 - precision and recall of the audit's flagged set, separately for wrong labels and for foreign
   images, and the same for the naive ranking (the trained baseline's loss on its own training
   images, what fastai's ImageClassifierCleaner shows) at the same number of images flagged;
+- what ``audit.action: drop`` removes from train/val (precision against the truth);
 - test accuracy on the TRUE labels of the baseline trained with ``audit.action: flag`` and with
-  ``audit.action: drop`` (foreign test images have no true class and are left out).
+  ``audit.action: drop`` (foreign test images have no true class and are left out), each trained
+  ``--trainings`` times with different training seeds on the same data (one from-scratch training
+  on ~228 test images is too noisy to tell the two apart), as mean ± standard deviation.
 
-    python bench/audit.py                      # 3 × 400 images, a few minutes on 2 CPU cores
+    python bench/audit.py                      # 3 × 400 images, ~10 minutes on 2 CPU cores
     python bench/audit.py --per-class 800 --work /tmp/bench-audit
 
 Results are in bench/RESULTS.md.
@@ -125,12 +128,19 @@ class Timed:
     summary: Any
 
 
-def run(stage: str, params: dict[str, Any]) -> Timed:
+def run(stage: str, params: dict[str, Any], train_seed: int | None = None) -> Timed:
+    """Run ``stage``; ``train_seed`` replaces the trainers' seed (weight init, shuffling,
+    augmentation) and nothing else: the split and the audit keep the global seed's."""
     from pipeline.config import parse_params
     from pipeline.stages import run_stage
 
+    cfg = parse_params(params, source="bench params")
+    if train_seed is not None:
+        augment = cfg.train.augment.model_copy(update={"seed": train_seed})
+        train = cfg.train.model_copy(update={"seed": train_seed, "augment": augment})
+        cfg = cfg.model_copy(update={"train": train})
     started = time.monotonic()
-    summary = run_stage(stage, parse_params(params, source="bench params"))
+    summary = run_stage(stage, cfg)
     print(f"  {stage}: {summary}")
     return Timed(time.monotonic() - started, summary)
 
@@ -279,6 +289,29 @@ def report_audit(project: Path, images: list[Image]) -> None:
     print(f"  foreign flags vs foreign images:    {kind_rates(foreign_flags, foreign)}")
 
 
+def report_drop(project: Path, images: list[Image]) -> None:
+    """What ``action: drop`` removed from train/val, against the truth."""
+    from pipeline.files import read_csv
+
+    rows = read_csv(project / "data/audit/label_issues.csv")
+    dropped = {r["sha256"] for r in rows if r["verdict"] == "drop"}
+    kept = {r["sha256"] for r in rows if r["verdict"] == "flag" and r["split"] != "test"}
+    pool = [i for i in images if i.split != "test"]
+    bad = {i.sha256 for i in pool if i.wrong or i.foreign}
+    print(
+        f"\naction drop, train+val ({len(pool)} images, {len(bad)} wrong or foreign): "
+        f"removed {len(dropped)}: {kind_rates(dropped, bad)}; "
+        f"{len(kept)} label issues kept and flagged (precision "
+        f"{len(kept & bad) / max(len(kept), 1):.2f})"
+    )
+
+
+def spread(values: list[float]) -> str:
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    listed = ", ".join(f"{v:.3f}" for v in values)
+    return f"{np.mean(values):.3f} ± {sd:.3f} [{listed}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=int, default=400)
@@ -286,23 +319,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--foreign", type=float, default=0.05, help="share from no class")
     parser.add_argument("--epochs", type=int, default=15, help="baseline epochs")
     parser.add_argument("--image-size", type=int, default=64, help="the baseline's input")
+    parser.add_argument(
+        "--trainings", type=int, default=3, help="baseline trainings per action (training seeds)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/crawl2model-bench-audit"))
     args = parser.parse_args(argv)
     import json
     import shutil
 
+    if args.trainings < 1:
+        parser.error("--trainings must be at least 1")
     if args.work.exists():
         shutil.rmtree(args.work)
     site = args.work / "site"
     truth = build_noisy_site(site, args.per_class, args.wrong, args.foreign, args.seed)
     project = args.work / "project"
-    flag = bench_params(args.work / "site", "flag", args.image_size, args.epochs)
-    drop = bench_params(args.work / "site", "drop", args.image_size, args.epochs)
+    params = {
+        action: bench_params(args.work / "site", action, args.image_size, args.epochs)
+        for action in ("flag", "drop")
+    }
+    base_seed = int(params["flag"]["seed"])
+    train_seeds = [base_seed + n for n in range(args.trainings)]
+    accuracy: dict[str, list[float]] = {"flag": [], "drop": []}
+    seconds: dict[str, list[float]] = {"flag": [], "drop": []}
     with inside(project):
         for stage in ("crawl", "clean", "split"):
-            run(stage, flag)
-        audit_run = run("audit", flag)
+            run(stage, params["flag"])
+        audit_run = run("audit", params["flag"])
         images = read_images(project, truth)
         report_audit(project, images)
         noise = json.loads((project / "reports/audit_report.json").read_text())["noise_rate"]
@@ -311,20 +355,28 @@ def main(argv: list[str] | None = None) -> int:
             actual = sum(i.wrong or i.foreign for i in pool) / len(pool)
             estimate = noise["train+val"][name]
             print(f"  {name}: estimated noise {estimate:.2f}, actual {actual:.2f} (train+val)")
-        trained_flag = run("train-baseline", flag)
-        compare_rankings(project, images)
-        accuracy_flag = true_accuracy(project, images)
-        rerun = run("audit", drop)
-        trained_drop = run("train-baseline", drop)
-        accuracy_drop = true_accuracy(project, images)
+        for action in ("flag", "drop"):
+            rerun = run("audit", params[action]) if action != "flag" else audit_run
+            if action == "drop":
+                report_drop(project, images)
+            for n, train_seed in enumerate(train_seeds):
+                trained = run("train-baseline", params[action], train_seed)
+                seconds[action].append(trained.seconds)
+                if action == "flag" and n == 0:
+                    compare_rankings(project, images)
+                accuracy[action].append(true_accuracy(project, images))
+    difference = [d - f for f, d in zip(accuracy["flag"], accuracy["drop"], strict=True)]
     print(
-        f"\nbaseline test accuracy on the TRUE labels: action flag {accuracy_flag:.3f}, "
-        f"action drop {accuracy_drop:.3f} (drop − flag = {accuracy_drop - accuracy_flag:+.3f})"
+        f"\nbaseline test accuracy on the TRUE labels, {args.trainings} training(s) per action "
+        f"(training seeds {train_seeds[0]}..{train_seeds[-1]}, same data), mean ± sd:"
     )
+    print(f"  action flag  {spread(accuracy['flag'])}")
+    print(f"  action drop  {spread(accuracy['drop'])}")
+    print(f"  drop − flag  {spread(difference)} (per training seed)")
     print(
         f"time: audit {audit_run.seconds:.0f} s (features extracted), rerun with action drop "
-        f"{rerun.seconds:.0f} s (features cached); baseline {trained_flag.seconds:.0f} s "
-        f"and {trained_drop.seconds:.0f} s"
+        f"{rerun.seconds:.0f} s (features cached); baseline {np.mean(seconds['flag']):.0f} s "
+        f"(flag) and {np.mean(seconds['drop']):.0f} s (drop) per training"
     )
     return 0
 
