@@ -54,3 +54,16 @@ def view_neighbours(
         faiss.omp_set_num_threads(threads)
     pairs = np.sort(np.concatenate(found).astype(np.int64), axis=1)
     return np.unique(pairs, axis=0)
+
+
+def pair_similarities(
+    views: np.ndarray, mirror_views: np.ndarray, pairs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each pair (i, j): the best cosine similarity over the views of i and j as they are,
+    and of i and j's mirror. Two float32 arrays of len(pairs)."""
+    if not len(pairs):
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    first, second = pairs[:, 0], pairs[:, 1]
+    plain = np.einsum("nvd,nvd->nv", views[first], views[second]).max(axis=1)
+    mirrored = np.einsum("nvd,nvd->nv", views[first], mirror_views[second]).max(axis=1)
+    return plain.astype(np.float32), mirrored.astype(np.float32)

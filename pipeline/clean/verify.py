@@ -1,33 +1,48 @@
 """Pass 2: crops, rotations, perspective and watermarks that pHash misses, proposed by
-neighbours and proven by ORB.
+neighbours and proven by ORB (or, on low-texture pictures, by dense alignment).
 
 Consumes the normalised images in data/clean, their view embeddings (embed.py, from the
 decode workers) and the pairs the earlier passes already matched. Produces the confirmed pairs
-(i < j), each with a ``Match`` (method orb: RANSAC inliers, aligned correlation, mirrored).
+(i < j), each with a ``Match`` (method orb: RANSAC inliers, aligned correlation, mirrored;
+method ecc: aligned correlation, mirrored).
 
 1. ``view_neighbours`` (neighbours.py): each image's k nearest neighbours per view (mirrored
-   views queried too); pairs already matched directly are skipped.
-2. ``describe_images`` (workers): ORB keypoints of every image a pair needs (and of its
-   mirror), computed once from one read of the file.
-3. ``verify_pairs`` (workers): ratio-test matches, a RANSAC similarity transform (a
+   views queried too), with the cosine similarity of the pair as is and mirrored; pairs
+   already matched directly are skipped. The pair is compared the way round (as is or
+   mirrored) its embeddings are closer.
+2. With ``duplicate_groups: connected``, pairs are verified most similar first, in rounds
+   of ``ROUND`` pairs, and a pair whose images an earlier round (or pass 1) already put in one
+   group is not verified at all: it could not change any group. The rounds do not depend on
+   the number of workers, so the output does not either.
+3. ``describe_images`` (workers): ORB keypoints of every image a pair needs (and of its
+   mirror, when a pair needs that), computed once from one read of the file, plus the small
+   grey picture the dense fallback aligns.
+4. ``verify_pairs`` (workers): ratio-test matches, a RANSAC similarity transform (a
    homography when the similarity does not line the pictures up: perspective) with enough
    inliers; then the two must overlap on at least ``orb_min_overlap`` of each one's content
    (so overlapping crops of one photograph stay apart), and their fine detail, once aligned,
    must correlate by at least ``orb_min_correlation`` over the overlap, or halfway from there
    to 1 in the median of 4 × 4 tiles (so a watermark over a strip does not hide a copy).
+   When ORB cannot judge — either picture has under ``DENSE_MAX_KEYPOINTS`` keypoints (sky,
+   cells, a smooth clock face) — and the embeddings are at least ``DENSE_MIN_SIMILARITY``
+   alike, ``aligned.dense_transform`` aligns the two by ECC instead and the same overlap and
+   correlation test decides (aligned.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
+from scipy.cluster.hierarchy import DisjointSet
 
-from pipeline.clean.embed import decode_views, trim_borders
-from pipeline.clean.neighbours import view_neighbours
+from pipeline.clean.aligned import aligned_correlation, dense_picture, dense_transform, spread
+from pipeline.clean.embed import decode_views
+from pipeline.clean.neighbours import pair_similarities, view_neighbours
 from pipeline.clean.records import ImageRecord, Match
 from pipeline.clean.workers import WorkerPool
 from pipeline.config import CleanConfig
@@ -35,13 +50,19 @@ from pipeline.config import CleanConfig
 # ORB needs ~31 px patches around each keypoint; tiny images are upscaled to this side first.
 ORB_SIDE = 256
 DESCRIBE_BATCH = 32  # images per describe task
-VERIFY_BATCH = 256  # pairs per verify task
-TILES = 4  # the aligned correlation is the median over a TILES × TILES grid
-MIN_TILES = 4  # tiles with enough overlap and detail needed for a verdict
-MIN_SPREAD = 0.2  # inliers must span this fraction of the image's width and of its height
+VERIFY_BATCH = 128  # pairs per verify task
+ROUND = 2048  # pairs verified between two transitivity checks (connected groups)
+# Below this many ORB keypoints in either picture ORB has too little to go on (bench: 0–100
+# on sky, cells, the clock; 500, the cap, on textured photos) and the dense fallback runs.
+DENSE_MAX_KEYPOINTS = 150
+# The dense fallback runs only on pairs whose thumbnails are this alike (cosine): it is the
+# costlier check, and on bench/clean_recall.py every copy it confirmed was above 0.73.
+DENSE_MIN_SIMILARITY = 0.75
+GREY_CACHE = 256  # normalised greys a verify worker keeps between tasks
 
 Features = tuple[np.ndarray, np.ndarray | None]  # keypoint coordinates (n, 2), descriptors
 Edge = tuple[int, int]
+Candidate = tuple[int, int, bool, float]  # i, j, compare j mirrored, similarity that way
 
 
 @dataclass(frozen=True)
@@ -66,15 +87,24 @@ class VerifySettings:
 
 
 @dataclass(frozen=True)
+class Described:
+    """One image as the verify workers need it; ``mirrored`` only when a pair uses it."""
+
+    plain: Features
+    mirrored: Features | None
+    dense: tuple[np.ndarray, np.ndarray]  # aligned.dense_picture: small grey, picture mask
+
+
+@dataclass(frozen=True)
 class DescribeTask:
-    images: tuple[tuple[int, str], ...]  # (index, normalised file)
+    images: tuple[tuple[int, str, bool], ...]  # (index, normalised file, mirror needed)
     orb_features: int
 
 
 @dataclass(frozen=True)
 class VerifyTask:
-    pairs: tuple[tuple[int, int], ...]
-    features: dict[int, tuple[Features, Features]]  # index → (plain, mirrored)
+    pairs: tuple[Candidate, ...]
+    described: dict[int, Described]
     files: dict[int, str]
     settings: VerifySettings
 
@@ -86,8 +116,8 @@ def orb_pairs(
     out: Path,
     pool: WorkerPool,
 ) -> tuple[list[tuple[int, int, Match]], dict[str, int]]:
-    """Confirmed pairs among neighbours not already ``matched`` directly, sorted, and the
-    candidate/confirmed counts."""
+    """Confirmed pairs among neighbours not already ``matched``, sorted, and the counts of
+    candidates, pairs verified and pairs confirmed (by ORB and by dense alignment)."""
     views = np.stack([decode_views(r.image.embedding) for r in records])
     mirrors = np.stack([decode_views(r.image.mirror_embedding) for r in records])
     pairs = view_neighbours(
@@ -96,46 +126,94 @@ def orb_pairs(
     # Pairs the cheap passes already joined need no geometric proof.
     keep = [(int(i), int(j)) not in matched for i, j in pairs]
     pairs = pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
-    files = {int(i): str(out / records[int(i)].image.clean_path) for i in np.unique(pairs)}
-    tasks = _verify_tasks(VerifySettings.from_config(cfg), pairs, files, pool)
-    confirmed = []
-    for found in pool.map(verify_pairs, tasks, "clean: verify", unit="batch"):
-        for a, b, inliers, correlation, flipped in found:
-            match = Match("orb", inliers=inliers, correlation=correlation, mirrored=flipped)
+    plain, mirrored = pair_similarities(views, mirrors, pairs)
+    flip = mirrored > plain
+    similarity = np.where(flip, mirrored, plain)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -similarity)) if len(pairs) else []
+    candidates: list[Candidate] = [
+        (int(pairs[n, 0]), int(pairs[n, 1]), bool(flip[n]), float(similarity[n])) for n in order
+    ]
+    settings = VerifySettings.from_config(cfg)
+    described = _describe(settings, candidates, records, out, pool)
+    files = {i: str(out / records[i].image.clean_path) for i in described}
+    transitive = cfg.duplicate_groups == "connected"
+    joined = DisjointSet(range(len(records)))
+    for i, j in matched:
+        joined.merge(i, j)
+    confirmed: list[tuple[int, int, Match]] = []
+    verified = 0
+    for start in range(0, len(candidates), ROUND):
+        chunk = candidates[start : start + ROUND]
+        if transitive:
+            chunk = [pair for pair in chunk if not joined.connected(pair[0], pair[1])]
+        verified += len(chunk)
+        tasks = [
+            _verify_task(settings, chunk[at : at + VERIFY_BATCH], described, files)
+            for at in range(0, len(chunk), VERIFY_BATCH)
+        ]
+        found = [
+            f for batch in pool.map(verify_pairs, tasks, "clean: verify", "batch") for f in batch
+        ]
+        for a, b, match in sorted(found, key=lambda item: item[:2]):
+            joined.merge(a, b)
             confirmed.append((a, b, match))
     confirmed.sort(key=lambda pair: pair[:2])
-    return confirmed, {"orb_candidates": len(pairs), "orb_confirmed": len(confirmed)}
+    counts = {
+        "orb_candidates": len(candidates),
+        "orb_verified": verified,
+        "orb_confirmed": sum(1 for *_, m in confirmed if m.method == "orb"),
+        "ecc_confirmed": sum(1 for *_, m in confirmed if m.method == "ecc"),
+    }
+    return confirmed, counts
 
 
-def _verify_tasks(
-    settings: VerifySettings, pairs: np.ndarray, files: dict[int, str], pool: WorkerPool
-) -> list[VerifyTask]:
-    """Batches of candidate pairs, each with the ORB features of the images it needs."""
-    needed = sorted(files)
-    describe = [
+def _describe(
+    settings: VerifySettings,
+    candidates: list[Candidate],
+    records: Sequence[ImageRecord],
+    out: Path,
+    pool: WorkerPool,
+) -> dict[int, Described]:
+    """``Described`` of every image a candidate pair needs, computed on the workers."""
+    needed: dict[int, bool] = {}
+    for i, j, flip, _ in candidates:
+        needed.setdefault(i, False)
+        needed[j] = needed.get(j, False) or flip
+    indices = sorted(needed)
+    tasks = [
         DescribeTask(
-            images=tuple((i, files[i]) for i in needed[start : start + DESCRIBE_BATCH]),
+            images=tuple(
+                (i, str(out / records[i].image.clean_path), needed[i])
+                for i in indices[start : start + DESCRIBE_BATCH]
+            ),
             orb_features=settings.orb_features,
         )
-        for start in range(0, len(needed), DESCRIBE_BATCH)
+        for start in range(0, len(indices), DESCRIBE_BATCH)
     ]
-    features: dict[int, tuple[Features, Features]] = {}
-    for described in pool.map(describe_images, describe, "clean: describe", unit="batch"):
-        for index, plain, mirrored in described:
-            features[index] = (plain, mirrored)
-    tasks = []
-    for start in range(0, len(pairs), VERIFY_BATCH):
-        chunk = tuple((int(i), int(j)) for i, j in pairs[start : start + VERIFY_BATCH])
-        indices = {i for pair in chunk for i in pair}
-        tasks.append(
-            VerifyTask(
-                pairs=chunk,
-                features={i: features[i] for i in indices},
-                files={i: files[i] for i in indices},
-                settings=settings,
-            )
-        )
-    return tasks
+    described: dict[int, Described] = {}
+    for batch in pool.map(describe_images, tasks, "clean: describe", unit="batch"):
+        described.update(batch)
+    return described
+
+
+def _verify_task(
+    settings: VerifySettings,
+    pairs: list[Candidate],
+    described: dict[int, Described],
+    files: dict[int, str],
+) -> VerifyTask:
+    indices = {i for pair in pairs for i in pair[:2]}
+    return VerifyTask(
+        pairs=tuple(pairs),
+        described={i: described[i] for i in indices},
+        files={i: files[i] for i in indices},
+        settings=settings,
+    )
+
+
+@lru_cache(maxsize=GREY_CACHE)
+def _orb_grey_cached(path: str) -> np.ndarray:
+    return _orb_grey(Path(path))
 
 
 def _orb_grey(path: Path) -> np.ndarray:
@@ -153,52 +231,85 @@ def _mirror(grey: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(grey[:, ::-1])
 
 
-def describe_images(task: DescribeTask) -> list[tuple[int, Features, Features]]:
-    """ORB keypoints of each image and of its mirror: [(index, plain, mirrored)].
+def describe_images(task: DescribeTask) -> dict[int, Described]:
+    """ORB keypoints of each image (and of its mirror when asked) and its dense grey.
 
     Computed once per image and shipped to the matching workers as arrays, because pairs from
     nearest neighbours scatter over all images and per-batch recomputation cost 16x more.
     """
     orb = cv2.ORB_create(nfeatures=task.orb_features)
-    described = []
-    for index, path in task.images:
+
+    def features(grey: np.ndarray) -> Features:
+        keypoints, descriptors = orb.detectAndCompute(grey, None)
+        return np.float32([k.pt for k in keypoints]).reshape(-1, 2), descriptors
+
+    described = {}
+    for index, path, mirror in task.images:
         grey = _orb_grey(Path(path))
-        views = []
-        for view in (grey, _mirror(grey)):
-            keypoints, descriptors = orb.detectAndCompute(view, None)
-            points = np.float32([k.pt for k in keypoints]).reshape(-1, 2)
-            views.append((points, descriptors))
-        described.append((index, views[0], views[1]))
+        described[index] = Described(
+            plain=features(grey),
+            mirrored=features(_mirror(grey)) if mirror else None,
+            dense=dense_picture(grey),
+        )
     return described
 
 
-def verify_pairs(task: VerifyTask) -> list[tuple[int, int, int, float, bool]]:
-    """Geometric, then photometric, verification of candidate pairs (second image also mirrored).
+def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
+    """Geometric, then photometric, verification of candidate pairs (the second image
+    mirrored when the pair says so); the confirmed ones with their evidence.
 
-    Returns (i, j, inliers, correlation, mirrored) for every confirmed pair: at least
-    ``min_inliers`` RANSAC inliers, ``min_overlap`` of each image's content in common and
-    at least ``min_correlation`` once aligned.
+    Confirmed: at least ``min_inliers`` RANSAC inliers, ``min_overlap`` of each image's
+    content in common and at least ``min_correlation`` once aligned; or, for a pair ORB
+    cannot judge, the same overlap and correlation once densely aligned.
     """
     settings = task.settings
-    greys: dict[int, np.ndarray] = {}
-
-    def grey(index: int, mirrored: bool) -> np.ndarray:
-        if index not in greys:
-            greys[index] = _orb_grey(Path(task.files[index]))
-        return _mirror(greys[index]) if mirrored else greys[index]
-
     confirmed = []
-    for i, j in task.pairs:
-        for mirrored in (False, True):
-            matches = _ratio_matches(task.features[i][0], task.features[j][int(mirrored)], settings)
-            if matches is None:
-                continue
-            verdict = _aligned(grey(i, False), grey(j, mirrored), matches, settings)
+    for i, j, flip, similarity in task.pairs:
+        first, second = task.described[i], task.described[j]
+        features = second.mirrored if flip else second.plain
+        assert features is not None  # describe_images made it: a pair needs it
+        matches = _ratio_matches(first.plain, features, settings)
+        if matches is not None:
+            grey_i = _orb_grey_cached(task.files[i])
+            grey_j = _orb_grey_cached(task.files[j])
+            verdict = _aligned(grey_i, _mirror(grey_j) if flip else grey_j, matches, settings)
             if verdict is not None:
                 inliers, correlation = verdict
-                confirmed.append((int(i), int(j), inliers, round(correlation, 4), mirrored))
-                break
+                match = Match("orb", inliers=inliers, correlation=round(correlation, 4))
+                confirmed.append((i, j, _oriented(match, flip)))
+                continue
+        few = min(len(first.plain[0]), len(features[0])) < DENSE_MAX_KEYPOINTS
+        if few and similarity >= DENSE_MIN_SIMILARITY:
+            dense = (_mirror(second.dense[0]), _mirror(second.dense[1])) if flip else second.dense
+            correlation = _dense(first.dense, dense, settings)
+            if correlation is not None:
+                match = Match("ecc", correlation=round(correlation, 4))
+                confirmed.append((i, j, _oriented(match, flip)))
     return confirmed
+
+
+def _oriented(match: Match, flip: bool) -> Match:
+    return Match(match.method, inliers=match.inliers, correlation=match.correlation, mirrored=flip)
+
+
+def _dense(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], settings: VerifySettings
+) -> float | None:
+    """The aligned correlation when ECC lines picture ``a`` up with ``b`` (each a grey and its
+    picture mask) and it passes the same overlap and correlation bars as ORB's; else None."""
+    (grey_a, mask_a), (grey_b, mask_b) = a, b
+    transform = dense_transform(grey_a, grey_b, mask_a, mask_b)
+    if transform is None:
+        return None
+    whole, tiles = aligned_correlation(
+        grey_a, grey_b, transform, settings.min_overlap, masks=(mask_a, mask_b)
+    )
+    # A dense warp can line up a periodic texture a period off: two different rotated crops
+    # of a brick wall correlated 0.82 (bench/clean_recall.py). So the bar is ORB's tile bar,
+    # halfway from orb_min_correlation to 1, for the whole overlap or the median tile.
+    bar = (1 + settings.min_correlation) / 2
+    best = max(whole, tiles)
+    return best if best >= bar else None
 
 
 def _ratio_matches(
@@ -208,16 +319,13 @@ def _ratio_matches(
     (points_a, descriptors_a), (points_b, descriptors_b) = a, b
     if descriptors_a is None or descriptors_b is None or len(points_a) < 2 or len(points_b) < 2:
         return None
-    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(descriptors_a, descriptors_b, k=2)
-    good = [
-        (pair[0].queryIdx, pair[0].trainIdx)
-        for pair in pairs
-        if len(pair) == 2 and pair[0].distance < settings.orb_ratio * pair[1].distance
-    ]
-    if len(good) < settings.min_inliers:
+    distances, nearest = cv2.batchDistance(
+        descriptors_a, descriptors_b, cv2.CV_32S, normType=cv2.NORM_HAMMING, K=2
+    )
+    good = distances[:, 0] < settings.orb_ratio * distances[:, 1]
+    if int(good.sum()) < settings.min_inliers:
         return None
-    query, train = np.array(good).T
-    return points_a[query], points_b[train]
+    return points_a[good], points_b[nearest[good, 0]]
 
 
 def _aligned(
@@ -239,7 +347,7 @@ def _aligned(
     # scales are RANSAC fitting noise between two different objects.
     if not 0.5 <= scale <= 2.0:
         return None
-    if not _spread(src[mask.ravel().astype(bool)], a.shape):
+    if not spread(src[mask.ravel().astype(bool)], a.shape):
         return None
     transforms = [(np.vstack([similarity, [0, 0, 1]]), int(mask.sum()))]
     homography, hmask = cv2.findHomography(src, dst, cv2.RANSAC, 5.0, maxIters=500)
@@ -250,86 +358,9 @@ def _aligned(
     # at 0.8 merged two different Fashion-MNIST sneakers (whole overlap 0.70, median tile 0.82).
     tile_bar = (1 + settings.min_correlation) / 2
     for transform, inliers in transforms:
-        whole, tiles = _aligned_correlation(a, b, transform, settings.min_overlap)
+        whole, tiles = aligned_correlation(a, b, transform, settings.min_overlap)
         if whole >= settings.min_correlation:
             return inliers, whole
         if tiles >= tile_bar:
             return inliers, tiles
     return None
-
-
-def _spread(points: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """Whether inliers span at least MIN_SPREAD of the image in both directions. The same
-    watermark on two different photos matched along its strip alone (bench/clean_recall.py:
-    every false merge there was text-on-text), while a copy's inliers cover the picture."""
-    span = np.ptp(points, axis=0) / np.array([shape[1], shape[0]], dtype=np.float64)
-    return bool(span.min() >= MIN_SPREAD)
-
-
-def _content_mask(grey: np.ndarray) -> np.ndarray:
-    """Ones over the picture, zeros over uniform borders (letterbox bars)."""
-    trimmed = trim_borders(grey)
-    mask = np.zeros(grey.shape, np.uint8)
-    if trimmed.shape == grey.shape:
-        mask[:] = 1
-        return mask
-    content = np.abs(grey.astype(np.int16) - int(grey[0, 0])) > 8
-    rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
-    mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = 1
-    return mask
-
-
-def _aligned_correlation(
-    a: np.ndarray, b: np.ndarray, transform: np.ndarray, min_overlap: float
-) -> tuple[float, float]:
-    """(whole-overlap, median tile) correlation of fine detail where a, warped by
-    ``transform`` (3×3), overlaps b; 0s when the pictures share less than ``min_overlap`` of
-    either one's content."""
-    height, width = b.shape
-    mask_a, mask_b = _content_mask(a), _content_mask(b)
-    try:
-        inverse = np.linalg.inv(transform)
-    except np.linalg.LinAlgError:
-        return 0.0, 0.0
-    covered_b = cv2.warpPerspective(mask_a, transform, (width, height), flags=cv2.INTER_NEAREST)
-    covered_a = cv2.warpPerspective(mask_b, inverse, a.shape[::-1], flags=cv2.INTER_NEAREST)
-    overlap_b = (covered_b & mask_b).sum() / max(int(mask_b.sum()), 1)
-    overlap_a = (covered_a & mask_a).sum() / max(int(mask_a.sum()), 1)
-    # Neighbouring crops of one photograph share up to 60% (bench/clean_recall.py); a 10% crop
-    # keeps 81% of the original and is wholly inside it.
-    if min(overlap_a, overlap_b) < min_overlap:
-        return 0.0, 0.0
-    warped, target = cv2.warpPerspective(_high_pass(a), transform, (width, height)), _high_pass(b)
-    covered = (covered_b & mask_b).astype(bool)
-    x, y = warped[covered].astype(np.float64), target[covered].astype(np.float64)
-    whole = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else 0.0
-    return whole, _median_tile_correlation(warped, target, covered)
-
-
-def _median_tile_correlation(x: np.ndarray, y: np.ndarray, covered: np.ndarray) -> float:
-    height, width = covered.shape
-    correlations = []
-    for row in range(TILES):
-        for col in range(TILES):
-            window = (
-                slice(row * height // TILES, (row + 1) * height // TILES),
-                slice(col * width // TILES, (col + 1) * width // TILES),
-            )
-            inside = covered[window]
-            if inside.mean() < 0.5:
-                continue
-            tile_x, tile_y = x[window][inside], y[window][inside]
-            if tile_x.std() < 1e-3 or tile_y.std() < 1e-3:
-                continue  # a flat tile (background) says nothing
-            correlations.append(float(np.corrcoef(tile_x, tile_y)[0, 1]))
-    if len(correlations) < MIN_TILES:
-        return 0.0
-    return float(np.median(correlations))
-
-
-def _high_pass(grey: np.ndarray) -> np.ndarray:
-    # Correlating detail, not shading: two different plain shirts aligned by RANSAC correlate
-    # above 0.95 in raw grey levels (measured on Fashion-MNIST), but below 0.8 once the
-    # silhouette's smooth shading is subtracted; true copies stay above 0.8.
-    grey = grey.astype(np.float32)
-    return grey - cv2.GaussianBlur(grey, (0, 0), 4)

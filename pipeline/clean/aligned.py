@@ -1,0 +1,236 @@
+"""Pass 2's precision guard and its dense fallback: are two images, once aligned, one picture?
+
+Consumes two grey images and a transform mapping the first onto the second (from ORB + RANSAC
+in verify.py, or from ``dense_transform`` here). Produces the evidence verify.py decides on:
+how much of each one's content the other covers, and how well their fine detail correlates
+over the overlap (whole overlap and median of ``TILES`` × ``TILES`` tiles).
+
+``dense_transform`` aligns pictures ORB cannot: low-texture photos (sky, cells, a smooth
+clock face) give ORB no keypoints at all. It maximises OpenCV's enhanced correlation
+coefficient (``cv2.findTransformECC``) over the whole picture: an affine warp on a 64 px
+thumbnail, started from the map between the two pictures' content boxes (so letterboxing and
+size changes start aligned), then a homography at ``DENSE_SIDE``. The same correlation test
+as ORB's then decides, on detail a little coarser than ORB's (``DENSE_FINE_SIGMA``): a dense
+warp of a rotated or perspective copy resamples it and softens its finest grain.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pipeline.clean.embed import TRIM_MIN_AREA, TRIM_TOLERANCE, trim_borders
+
+TILES = 4  # the aligned correlation is the median over a TILES × TILES grid
+MIN_TILES = 4  # tiles with enough overlap and detail needed for a verdict
+MIN_SPREAD = 0.2  # inliers must span this fraction of the image's width and of its height
+DETAIL_SIGMA = 4.0  # detail is what a Gaussian blur of this sigma (pixels) removes
+DENSE_SIDE = 128  # long side (pixels) of the images the dense fallback aligns and compares
+DENSE_COARSE_SIDE = 64  # long side of the first, affine, alignment
+DENSE_FINE_SIGMA = 1.5  # dense: detail finer than this blur is resampling noise, not picture
+DENSE_ITERATIONS = 50
+FILL_TOLERANCE = 2  # grey levels: a rotated copy's corners and a bar are one exact colour
+DENSE_EPS = 1e-4
+
+
+def spread(points: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether inliers span at least MIN_SPREAD of the image in both directions. The same
+    watermark on two different photos matched along its strip alone (bench/clean_recall.py:
+    every false merge there was text-on-text), while a copy's inliers cover the picture."""
+    span = np.ptp(points, axis=0) / np.array([shape[1], shape[0]], dtype=np.float64)
+    return bool(span.min() >= MIN_SPREAD)
+
+
+def content_box(grey: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the picture inside uniform borders (letterbox bars)."""
+    height, width = grey.shape
+    if trim_borders(grey).shape == grey.shape:
+        return 0, 0, width, height
+    content = np.abs(grey.astype(np.int16) - int(grey[0, 0])) > TRIM_TOLERANCE
+    rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def content_mask(grey: np.ndarray) -> np.ndarray:
+    """Ones over the picture, zeros over uniform borders (letterbox bars)."""
+    left, top, right, bottom = content_box(grey)
+    mask = np.zeros(grey.shape, np.uint8)
+    mask[top:bottom, left:right] = 1
+    return mask
+
+
+def aligned_correlation(
+    a: np.ndarray,
+    b: np.ndarray,
+    transform: np.ndarray,
+    min_overlap: float,
+    masks: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[float, float]:
+    """(whole-overlap, median tile) correlation of fine detail where a, warped by
+    ``transform`` (3×3), overlaps b; 0s when the pictures share less than ``min_overlap`` of
+    either one's content. Content is inside ``content_mask`` unless ``masks`` (uint8, 1 =
+    picture) are given: then detail is measured within them only and finer than
+    ``DENSE_FINE_SIGMA`` is ignored (the dense fallback's images)."""
+    height, width = b.shape
+    mask_a, mask_b = masks if masks is not None else (content_mask(a), content_mask(b))
+    try:
+        inverse = np.linalg.inv(transform)
+    except np.linalg.LinAlgError:
+        return 0.0, 0.0
+    covered_b = cv2.warpPerspective(mask_a, transform, (width, height), flags=cv2.INTER_NEAREST)
+    covered_a = cv2.warpPerspective(mask_b, inverse, a.shape[::-1], flags=cv2.INTER_NEAREST)
+    overlap_b = (covered_b & mask_b).sum() / max(int(mask_b.sum()), 1)
+    overlap_a = (covered_a & mask_a).sum() / max(int(mask_a.sum()), 1)
+    # Neighbouring crops of one photograph share up to 60% (bench/clean_recall.py); a 10% crop
+    # keeps 81% of the original and is wholly inside it.
+    if min(overlap_a, overlap_b) < min_overlap:
+        return 0.0, 0.0
+    if masks is None:
+        detail_a, detail_b = high_pass(a), high_pass(b)
+    else:
+        detail_a, detail_b = masked_detail(a, mask_a), masked_detail(b, mask_b)
+        # Pixels next to the warped edge of a's picture mix in what lies outside it.
+        covered_b = cv2.erode(covered_b, np.ones((3, 3), np.uint8))
+    warped = cv2.warpPerspective(detail_a, transform, (width, height))
+    target = detail_b
+    covered = (covered_b & mask_b).astype(bool)
+    whole = _correlation(warped[covered], target[covered])
+    return whole, _median_tile_correlation(warped, target, covered)
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two equal-length vectors; 0 when either is flat."""
+    x = x.astype(np.float64) - x.mean()
+    y = y.astype(np.float64) - y.mean()
+    denominator = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denominator) if denominator > 1e-9 else 0.0
+
+
+def _median_tile_correlation(x: np.ndarray, y: np.ndarray, covered: np.ndarray) -> float:
+    height, width = covered.shape
+    correlations = []
+    for row in range(TILES):
+        for col in range(TILES):
+            window = (
+                slice(row * height // TILES, (row + 1) * height // TILES),
+                slice(col * width // TILES, (col + 1) * width // TILES),
+            )
+            inside = covered[window]
+            if inside.mean() < 0.5:
+                continue
+            tile_x, tile_y = x[window][inside], y[window][inside]
+            if tile_x.std() < 1e-3 or tile_y.std() < 1e-3:
+                continue  # a flat tile (background) says nothing
+            correlations.append(_correlation(tile_x, tile_y))
+    if len(correlations) < MIN_TILES:
+        return 0.0
+    return float(np.median(correlations))
+
+
+def high_pass(grey: np.ndarray) -> np.ndarray:
+    # Correlating detail, not shading: two different plain shirts aligned by RANSAC correlate
+    # above 0.95 in raw grey levels (measured on Fashion-MNIST), but below 0.8 once the
+    # silhouette's smooth shading is subtracted; true copies stay above 0.8.
+    grey = grey.astype(np.float32)
+    return grey - cv2.GaussianBlur(grey, (0, 0), DETAIL_SIGMA)
+
+
+def masked_detail(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Detail between DENSE_FINE_SIGMA and DETAIL_SIGMA of the picture inside ``mask``, with
+    the blurs normalised by the mask, so the edge of a rotated copy's black corners or of a
+    letterbox bar is no detail (two different rotated sky photos once correlated 0.97 along
+    their corners alone); 0 outside the mask."""
+    weight = mask.astype(np.float32)
+    grey = grey.astype(np.float32) * weight
+
+    def blur(sigma: float) -> np.ndarray:
+        total = cv2.GaussianBlur(weight, (0, 0), sigma)
+        return cv2.GaussianBlur(grey, (0, 0), sigma) / np.maximum(total, 1e-3)
+
+    return (blur(DENSE_FINE_SIGMA) - blur(DETAIL_SIGMA)) * weight
+
+
+def picture_mask(grey: np.ndarray) -> np.ndarray:
+    """uint8 mask, 1 over the picture and 0 over flat fill touching a corner: letterbox bars
+    and a rotated copy's corners (``FILL_TOLERANCE`` grey levels from the corner's colour).
+    All ones when that would leave under TRIM_MIN_AREA of the image (a plain picture)."""
+    height, width = grey.shape
+    flood = np.zeros((height + 2, width + 2), np.uint8)
+    flags = 4 | cv2.FLOODFILL_FIXED_RANGE | cv2.FLOODFILL_MASK_ONLY | (1 << 8)
+    work = grey.copy()
+    for x, y in ((0, 0), (width - 1, 0), (0, height - 1), (width - 1, height - 1)):
+        if not flood[y + 1, x + 1]:
+            cv2.floodFill(work, flood, (x, y), 0, FILL_TOLERANCE, FILL_TOLERANCE, flags)
+    picture = 1 - flood[1:-1, 1:-1]
+    if picture.mean() < TRIM_MIN_AREA:
+        return np.ones_like(grey)
+    return picture
+
+
+def dense_picture(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(grey at DENSE_SIDE with its fill set to the picture's mean grey, its picture mask):
+    what the dense fallback aligns and compares. Without the fill's edges ECC aligns the
+    picture, not the frame around it."""
+    mask = picture_mask(grey)
+    small, small_mask = dense_grey(grey), dense_grey(mask * 255)
+    picture = small_mask >= 250  # pixels wholly inside the picture
+    if not picture.any():
+        return small, np.ones_like(small)
+    filled = small.copy()
+    filled[~picture] = int(small[picture].mean())
+    return filled, picture.astype(np.uint8)
+
+
+def dense_grey(grey: np.ndarray) -> np.ndarray:
+    """``grey`` with its long side at DENSE_SIDE: what the dense fallback works on."""
+    scale = DENSE_SIDE / max(grey.shape)
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    return cv2.resize(grey, size, interpolation=interpolation)
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def dense_transform(
+    a: np.ndarray, b: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray
+) -> np.ndarray | None:
+    """A 3×3 transform mapping ``a`` onto ``b`` (both from ``dense_picture``, with their
+    masks) that maximises their correlation, or None when ECC does not converge."""
+    (la, ta, ra, ba), (lb, tb, rb, bb) = _box(mask_a), _box(mask_b)
+    sx, sy = (rb - lb) / max(ra - la, 1), (bb - tb) / max(ba - ta, 1)
+    coarse = DENSE_COARSE_SIDE / max(a.shape)
+    start = np.array([[sx, 0, lb - sx * la], [0, sy, tb - sy * ta]], np.float32)
+    start[:, 2] *= coarse
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, DENSE_ITERATIONS, DENSE_EPS)
+    small_a = cv2.resize(a, None, fx=coarse, fy=coarse, interpolation=cv2.INTER_AREA)
+    small_b = cv2.resize(b, None, fx=coarse, fy=coarse, interpolation=cv2.INTER_AREA)
+    if min(small_a.shape + small_b.shape) < 8:
+        return None
+    try:
+        # ECC finds W with b(W x) ≈ a(x): W maps a's coordinates onto b's.
+        _, affine = cv2.findTransformECC(
+            small_a.astype(np.float32),
+            small_b.astype(np.float32),
+            start,
+            cv2.MOTION_AFFINE,
+            criteria,
+            None,
+            3,
+        )
+        affine[:, 2] /= coarse
+        start_h = np.vstack([affine, [0, 0, 1]]).astype(np.float32)
+        _, homography = cv2.findTransformECC(
+            a.astype(np.float32),
+            b.astype(np.float32),
+            start_h,
+            cv2.MOTION_HOMOGRAPHY,
+            criteria,
+            None,
+            3,
+        )
+    except cv2.error:
+        return None  # not converged, or a flat image
+    return homography.astype(np.float64)

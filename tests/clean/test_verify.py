@@ -1,0 +1,82 @@
+"""Pass 2 on pictures ORB cannot judge (low texture): copies found by dense alignment, look-alikes
+and overlapping crops kept apart; and candidates compared the way round their embeddings say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from test_clean import config, encode, run
+
+from pipeline.clean.embed import view_vectors
+from pipeline.clean.neighbours import pair_similarities
+from pipeline.files import read_jsonl
+
+
+def low_texture(seed: int, size: int = 320) -> Image.Image:
+    """A smooth shaded picture with faint fine grain (sky, cells): no ORB keypoints."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(0, 1, (5, 5)).astype(np.float32)
+    shade = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    grain = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), 1.5)
+    grey = 128 + 25 * shade / np.abs(shade).max() + 6 * grain / grain.std()
+    return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def groups_by_path(out: Path) -> dict[str, str]:
+    return {row["raw_path"]: row["group"] for row in read_jsonl(out / "manifest.jsonl")}
+
+
+def test_no_orb_keypoints_on_the_fixture() -> None:
+    grey = np.asarray(low_texture(1).convert("L"))
+    assert len(cv2.ORB_create(500).detect(grey)) < 150
+
+
+def test_rotated_and_cropped_low_texture_copies_join_their_original_only(tmp_path: Path) -> None:
+    originals = {seed: low_texture(seed) for seed in (1, 2)}
+    files = []
+    for seed, image in originals.items():
+        rotated = image.rotate(10, resample=Image.Resampling.BILINEAR)  # black corners
+        files += [
+            ("sky", f"{seed}-original.png", encode(image)),
+            ("sky", f"{seed}-rotated.png", encode(rotated)),
+            ("sky", f"{seed}-crop.png", encode(image.crop((16, 16, 304, 304)))),
+        ]
+
+    _, out = run(tmp_path, files, config(near_duplicates="group"))
+
+    groups = groups_by_path(out)
+    for seed in (1, 2):
+        assert groups[f"sky/{seed}-rotated.png"] == groups[f"sky/{seed}-original.png"]
+        assert groups[f"sky/{seed}-crop.png"] == groups[f"sky/{seed}-original.png"]
+    # Two rotated copies share their black corners; that alone must not make them one picture.
+    assert groups["sky/1-original.png"] != groups["sky/2-original.png"]
+    methods = {e["method"] for g in read_jsonl(out / "groups.jsonl") for e in g["edges"]}
+    assert "ecc" in methods
+
+
+def test_overlapping_low_texture_crops_stay_apart(tmp_path: Path) -> None:
+    big = low_texture(3, size=480)
+    # Horizontal neighbours share 60 % of their area: different pictures by orb_min_overlap.
+    files = [
+        ("sky", f"crop{n}.png", encode(big.crop((left, 0, left + 320, 320))))
+        for n, left in enumerate((0, 128))
+    ]
+
+    _, out = run(tmp_path, files, config(near_duplicates="group"))
+
+    groups = groups_by_path(out)
+    assert groups["sky/crop0.png"] != groups["sky/crop1.png"]
+
+
+def test_a_mirrored_copy_is_closer_mirrored_than_as_it_is() -> None:
+    grey = np.asarray(low_texture(4).convert("L"))
+    flipped = np.ascontiguousarray(grey[:, ::-1])
+    views = np.stack([view_vectors(grey), view_vectors(flipped)])
+    mirrors = np.stack([view_vectors(flipped), view_vectors(grey)])
+
+    plain, mirrored = pair_similarities(views, mirrors, np.array([[0, 1]]))
+
+    assert mirrored[0] > 0.99 > plain[0]
