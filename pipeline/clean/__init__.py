@@ -50,10 +50,27 @@ Where each behaviour lives:
                      (``clean.dask_address``), sized by cores and by memory.
 """
 
-from pipeline.clean.neighbours import view_neighbours
-from pipeline.clean.phash import hamming_pairs, hashes_to_bits
-from pipeline.clean.report import write_duplicate_sheet
-from pipeline.clean.stage import CleanSummary, clean
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.clean.neighbours import view_neighbours
+    from pipeline.clean.phash import hamming_pairs, hashes_to_bits
+    from pipeline.clean.report import write_duplicate_sheet
+    from pipeline.clean.stage import CleanSummary, clean
+
+# Imported on first use (PEP 562): a worker process unpickling decode.analyse_batch imports
+# this package, and should not pay for the stage's imports (faiss, SciPy's graphs, matplotlib).
+_EXPORTS = {
+    "CleanSummary": "pipeline.clean.stage",
+    "clean": "pipeline.clean.stage",
+    "hamming_pairs": "pipeline.clean.phash",
+    "hashes_to_bits": "pipeline.clean.phash",
+    "view_neighbours": "pipeline.clean.neighbours",
+    "write_duplicate_sheet": "pipeline.clean.report",
+}
 
 __all__ = [
     "CleanSummary",
@@ -63,3 +80,9 @@ __all__ = [
     "view_neighbours",
     "write_duplicate_sheet",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
