@@ -34,6 +34,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 OFF = {"second_pass": False}
+TOOLS = {  # --tools name of each tool
+    "crawl2model pass 2 off": "off",
+    "crawl2model default": "default",
+    "fastdup": "fastdup",
+    "imagededup PHash": "imagededup",
+}
 
 OURS = r"""
 import json, sys
@@ -173,14 +179,13 @@ def run_set(name: str, raw: Path, work: Path, args: argparse.Namespace) -> None:
     flat_dir(raw, flat)
     n = len((raw / "manifest.jsonl").read_text().splitlines())
     tools = {
-        "crawl2model pass 2 off": lambda r: _ours(
-            raw, work / f"{name}-off-{r}", {"second_pass": False}
-        ),
-        "crawl2model default": lambda r: _ours(raw, work / f"{name}-on-{r}", {}),
+        "crawl2model pass 2 off": lambda r: _ours(raw, work / f"{name}-off-{r}", args.set | OFF),
+        "crawl2model default": lambda r: _ours(raw, work / f"{name}-on-{r}", args.set),
     }
     if args.peer_python:
         tools["fastdup"] = lambda r: _peer(args.peer_python, FASTDUP, flat, work / f"fd-{name}-{r}")
         tools["imagededup PHash"] = lambda r: _peer(args.peer_python, IMAGEDEDUP, flat, None)
+    tools = {tool: run for tool, run in tools.items() if TOOLS[tool] in args.tools}
     speeds: dict[str, list[float]] = {t: [] for t in tools}
     walls: dict[str, list[float]] = {t: [] for t in tools}
     found: dict[str, list[list[str]]] = {}
@@ -197,10 +202,20 @@ def run_set(name: str, raw: Path, work: Path, args: argparse.Namespace) -> None:
             f"(rounds: {', '.join(f'{s:.0f}' for s in speeds[tool])}); "
             f"wall {statistics.median(walls[tool]):.1f} s"
         )
-    ours = pairs_of_groups(found["crawl2model default"])
+    medians = {tool: statistics.median(speeds[tool]) for tool in tools}
+    for ours_tool in ("crawl2model pass 2 off", "crawl2model default"):
+        for peer in ("imagededup PHash", "fastdup"):
+            if ours_tool in medians and peer in medians:
+                print(f"  {ours_tool} / {peer}: {medians[ours_tool] / medians[peer]:.2f}x")
+    reference = "crawl2model default" if "crawl2model default" in found else next(iter(found))
+    ours = pairs_of_groups(found[reference])
+    print(f"  pairs compared with {reference}'s")
     for tool, groups in found.items():
         print("  " + describe_groups(tool, groups, ours))
-    cpu, wall, result = _ours_raw(raw, work / f"{name}-on-0", {})
+    if "off" not in args.tools and "default" not in args.tools:
+        return
+    overrides, suffix = (args.set, "on") if "default" in args.tools else (args.set | OFF, "off")
+    cpu, wall, result = _ours_raw(raw, work / f"{name}-{suffix}-0", overrides)
     print(
         f"rerun on the same output: {wall:.1f} s wall, {cpu:.1f} CPU-s, reused {result['reused']}"
     )
@@ -300,7 +315,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--peer-python", help="a Python with fastdup and imagededup installed")
     parser.add_argument("--only", choices=["demo", "photos", "memory"])
+    parser.add_argument(
+        "--tools",
+        nargs="+",
+        choices=list(TOOLS.values()),
+        default=list(TOOLS.values()),
+        help="which tools to time (default: all; fastdup and imagededup need --peer-python)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a clean param for crawl2model's runs, e.g. --set output_format='\"png\"'",
+    )
     args = parser.parse_args()
+    args.set = {key: json.loads(value) for key, _, value in (s.partition("=") for s in args.set)}
     with tempfile.TemporaryDirectory(prefix="clean-throughput-") as tmp:
         work = Path(tmp)
         if args.only in (None, "memory"):

@@ -14,7 +14,7 @@ Each knows its own JSON shape, so the files on disk keep their field names.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,13 @@ class Analysis:
     image: DecodedImage | None = None
 
     def to_json(self, fingerprint: str) -> dict[str, Any]:
-        return {**asdict(self), "fingerprint": fingerprint}
+        """``asdict(self)`` plus the fingerprint, built field by field: ``asdict`` deep-copies
+        every value and cost more than the JSON encoding of a log line."""
+        image = None
+        if self.image is not None:
+            image = _fields(self.image)
+            image["scores"] = _fields(self.image.scores)
+        return {**_fields(self), "image": image, "fingerprint": fingerprint}
 
     @classmethod
     def from_json(cls, entry: dict[str, Any]) -> Analysis:
@@ -89,6 +95,11 @@ class Analysis:
             scores = QualityScores(**image["scores"])
             image = DecodedImage(**{**image, "scores": scores})
         return cls(key=entry["key"], status=entry["status"], detail=entry["detail"], image=image)
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    """A dataclass's fields, by name, shallow."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from pipeline.clean.report import (
     write_duplicate_sheet,
     write_outputs,
 )
-from pipeline.clean.verify import orb_pairs
 from pipeline.clean.workers import WorkerPool, worker_count
 from pipeline.config import CleanConfig, StageError
 from pipeline.files import atomic_write_json, read_jsonl
@@ -225,6 +224,10 @@ def _matched_pairs(
         pairs.add(i, j, match)
     counts.update(phash_counts)
     if cfg.second_pass and len(candidates) > 1:
+        # Imported here: pass 2's modules (faiss, SciPy's clustering) cost a run without it
+        # a tenth of a second.
+        from pipeline.clean.verify import orb_pairs
+
         confirmed, orb_counts = orb_pairs(cfg, candidates, set(pairs.edges), out, pool)
         for i, j, match in confirmed:
             pairs.add(i, j, match)

@@ -27,7 +27,7 @@ class CleanConfig(_Section):
     max_aspect_ratio: Annotated[float, Field(ge=1)] = 10.0
     max_image_pixels: Annotated[int, Field(ge=1)] = 50_000_000
     max_side: Annotated[int, Field(ge=8)] = 256
-    output_format: Literal["png", "jpeg"] = "png"
+    output_format: Literal["auto", "png", "jpeg"] = "auto"
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95
     # pass 1: perceptual hash
     near_dup_hash_size: Annotated[int, Field(ge=4, le=32)] = 16
