@@ -24,7 +24,7 @@ from pipeline.resume import fingerprint
 
 ANALYSIS = ".analysis.jsonl"
 # Bump when analyse_image gives another result for the same file and settings.
-ANALYSIS_VERSION = 3
+ANALYSIS_VERSION = 4
 # Images per worker task: per-task overhead (pickling, a log fsync) was most of the cost of a
 # 28 px image, while a few tasks per worker still balance the load.
 MAX_BATCH = 64
