@@ -1,7 +1,8 @@
 """Each exported format against the Keras model it came from, on the whole test split.
 
 Claim (issue "Ship the model"): float formats agree with Keras on >= 99.9 % of test images; int8
-loses <= 1 accuracy point and is >= 3x smaller than float32 TFLite.
+loses <= 1 accuracy point and is >= 3x smaller than float32 TFLite. The int8 lines say which ops
+the export kept in float (export.int8_float_layers) and the error of each prefix it tried.
 
 Run in a project that has run the pipeline up to evaluate (reads models/, reports/metrics/models/
 and data/split/). By default it exports ``--model`` (default: params.yaml's export.model) into a
@@ -124,6 +125,14 @@ def bench(export_dir: Path, latency_images: int) -> list[dict[str, Any]]:
             "accuracy": float(np.mean(probabilities.argmax(1) == truth)),
         })  # fmt: skip
     print(f"model {manifest['name']}: {len(pixels)} test images, latency = median of {count}")
+    int8 = manifest["files"].get("tflite_int8", {})
+    if "float_ops" in int8:
+        kept = ", ".join(f"{op['op']} {op['output'].split(';')[0]}" for op in int8["float_ops"])
+        tried = ", ".join(
+            f"{t['float_layers']}: {t['kl_divergence']:.3g}" for t in int8["float_layers_tried"]
+        )
+        print(f"int8 keeps {int8['float_layers']} weighted layers float: {kept or 'none'}")
+        print(f"int8 mean KL from Keras on the val images by float layers tried: {tried or '-'}")
     return rows
 
 

@@ -15,7 +15,7 @@ from tinymodels import tiny_convnet
 
 from pipeline.config import ExportConfig, StageError
 from pipeline.export import ExportSummary, export
-from pipeline.export.formats import onnx_bytes
+from pipeline.export.formats import onnx_bytes, tflite_bytes, write_tflite_source
 from pipeline.export.runtimes import OnnxModel, Parity, TFLiteModel, keras_predict, parity
 from pipeline.export.select import choose_model
 from pipeline.export.stage import _require_float_parity
@@ -65,7 +65,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportSummary, P
     _write_model(root / "models", "tiny")
     _write_metrics(root / "reports/metrics/models", {"tiny": 0.5})
     split = _write_val_split(root)
-    cfg = ExportConfig(representative_images=8, verify_images=12)
+    cfg = ExportConfig(representative_images=8, verify_images=12, int8_float_layers=1)
     summary = export(cfg, split, root / "models", root / "reports/metrics/models", root / "export")
     return summary, root / "export", root
 
@@ -147,6 +147,65 @@ def test_manifest_and_labels_describe_the_model(exported: tuple[ExportSummary, P
     assert set(manifest["files"]) == set(FORMATS)
     assert manifest["parity_with_keras"]["onnx"]["top1_agreement"] == 1.0
     assert "antialias=True" in manifest["preprocessing"]
+    int8 = manifest["files"]["tflite_int8"]
+    assert [t["float_layers"] for t in int8["float_layers_tried"]] == [0, 1]
+    assert [op["op"] for op in int8["float_ops"]] == ["CONV_2D"][: int8["float_layers"]]
+
+
+def _weight_dtypes(data: bytes, tmp_path: Path) -> dict[str, type]:
+    """Weighted op → the dtype of its weights, in a TFLite flatbuffer (one op of each kind)."""
+    (tmp_path / "dtypes.tflite").write_bytes(data)
+    interpreter = TFLiteModel(tmp_path / "dtypes.tflite").interpreter
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return {
+        op["op_name"]: tensors[op["inputs"][1]]["dtype"]
+        for op in interpreter._get_ops_details()
+        if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")
+    }
+
+
+def _cancelling_first_layer_model() -> keras.Model:
+    """A first 1x1 conv whose weights nearly cancel on grey pixels (sum 0.34 of terms near
+    100, as MobileNetV2's first depthwise conv on flat image regions): int8 rounding of those
+    weights more than doubles its output. A dense layer then holds most of the weights."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)),
+        keras.layers.Conv2D(1, 1, use_bias=False),
+        keras.layers.Flatten(),
+        keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(len(CLASSES), activation="softmax"),
+    ])  # fmt: skip
+    model.layers[0].set_weights([np.array([100.0, -60.0, -39.66]).reshape(1, 1, 3, 1)])
+    return model
+
+
+def test_int8_keeps_a_first_layer_float_when_that_brings_it_near_keras(tmp_path: Path) -> None:
+    model = _cancelling_first_layer_model()
+    source = write_tflite_source(model, IMAGE_SIZE, tmp_path / "source")
+    grey = np.random.default_rng(0).uniform(0, 255, (16, IMAGE_SIZE, IMAGE_SIZE, 1))
+    pixels = np.repeat(grey, 3, axis=-1).astype(np.float32)
+    reference = keras_predict(model)(pixels)
+
+    float32 = tflite_bytes(source, "float32")
+    searched = tflite_bytes(source, "int8", pixels, 2, reference)
+    integer = tflite_bytes(source, "int8", pixels, 0, reference)
+
+    errors = [t["kl_divergence"] for t in searched.tried]
+    assert len(errors) == 3 and errors[1] < errors[0] / 10
+    assert [op["op"] for op in searched.float_ops] == ["CONV_2D"]
+    assert _weight_dtypes(searched.data, tmp_path) == {
+        "CONV_2D": np.float32,
+        "FULLY_CONNECTED": np.int8,
+    }
+    assert (integer.float_ops, integer.tried) == ([], [])
+    assert _weight_dtypes(integer.data, tmp_path) == {
+        "CONV_2D": np.int8,
+        "FULLY_CONNECTED": np.int8,
+    }
+    assert len(float32.data) >= 3 * len(searched.data)
+    (tmp_path / "int8.tflite").write_bytes(searched.data)
+    assert parity(reference, TFLiteModel(tmp_path / "int8.tflite")(pixels)).max_abs_diff < 0.05
 
 
 def test_best_is_the_highest_by_the_metric_or_lowest_for_losses(tmp_path: Path) -> None:

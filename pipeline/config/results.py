@@ -129,6 +129,9 @@ class ExportConfig(_Section):
     metric: Annotated[str, Field(min_length=1)] = "accuracy"
     higher_is_better: bool = True
     tflite: list[TfliteVariant] = ["float32", "float16", "int8"]
+    # int8 tries keeping its first 0..this many weighted layers (conv, depthwise, dense) and the
+    # ops before them in float, and keeps the fewest that measurably help; 0 = every op integer.
+    int8_float_layers: Annotated[int, Field(ge=0, le=1000)] = 4
     onnx: bool = True
     onnx_opset: Annotated[int, Field(ge=13, le=18)] = 17
     representative_images: Annotated[int, Field(ge=1, le=10_000)] = 100

@@ -5,11 +5,12 @@ model and to record its test metrics), ``models/<model>.keras`` with its sidecar
 flow's ``models/best/``), and ``data/split/val.csv`` with the images it names (int8 calibration
 and the parity check). Produces ``models/export/``:
 
-- ``saved_model/``, ``model_{float32,float16,int8}.tflite``, ``model.onnx`` (``formats``);
+- ``saved_model/``, ``model_{float32,float16,int8}.tflite``, ``model.onnx`` (``formats``); int8
+  may keep up to its first ``export.int8_float_layers`` weighted layers in float;
 - ``labels.txt``: one class name per line, in output order;
 - ``model.json``: input size and preprocessing, class order, the source model and why it was
   chosen, its test metrics, each file's size and sha256, and each format's parity with the Keras
-  model on validation images.
+  model on validation images; for int8, which ops stayed float.
 
 The folder is built beside the target and swapped in whole, so a killed run leaves the previous
 export or the new one. A float format whose top class differs from the Keras model's on more
@@ -85,10 +86,12 @@ def _sha256(path: Path) -> str:
 
 def _write_formats(
     cfg: ExportConfig, loaded: Any, representative: np.ndarray, out: Path
-) -> dict[str, Path]:
-    """Write every configured format into ``out``; returns format → path."""
+) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """Write every configured format into ``out``; returns format → path, and format → what
+    model.json says about how it was quantised (int8 only)."""
     from pipeline.files import atomic_write_bytes
 
+    notes: dict[str, dict[str, Any]] = {}
     written = {
         "saved_model": formats.write_saved_model(
             loaded.model, loaded.class_names, loaded.image_size, out / formats.SAVED_MODEL
@@ -96,15 +99,27 @@ def _write_formats(
     }
     if cfg.tflite:
         source = formats.write_tflite_source(loaded.model, loaded.image_size, out / ".tflite")
+        reference = None
+        if "int8" in cfg.tflite and cfg.int8_float_layers:
+            reference = np.asarray(loaded.model(representative, training=False))
         for variant in cfg.tflite:
-            data = formats.tflite_bytes(source, variant, representative)
-            path = atomic_write_bytes(out / formats.tflite_file(variant), data)
+            converted = formats.tflite_bytes(
+                source, variant, representative, cfg.int8_float_layers, reference
+            )
+            path = atomic_write_bytes(out / formats.tflite_file(variant), converted.data)
             written[f"tflite_{variant}"] = path
+            if variant == "int8":
+                kept = converted.float_ops
+                notes["tflite_int8"] = {
+                    "float_layers": sum(op["op"] in formats.WEIGHTED_OPS for op in kept),
+                    "float_ops": kept,
+                    "float_layers_tried": converted.tried,
+                }
         shutil.rmtree(source)
     if cfg.onnx:
         data = formats.onnx_bytes(loaded.model, loaded.image_size, cfg.onnx_opset)
         written["onnx"] = atomic_write_bytes(out / formats.ONNX_FILE, data)
-    return written
+    return written, notes
 
 
 def check_parity(
@@ -177,6 +192,7 @@ def _write_manifest(
     out: Path,
     description: dict[str, Any],
     written: dict[str, Path],
+    notes: dict[str, dict[str, Any]],
     results: dict[str, Parity],
     onnx: bool,
 ) -> None:
@@ -186,6 +202,7 @@ def _write_manifest(
             "path": path.relative_to(out).as_posix(),
             "bytes": _size(path),
             **({"sha256": _sha256(path)} if path.is_file() else {}),
+            **notes.get(name, {}),
         }
         for name, path in written.items()
     }
@@ -245,10 +262,10 @@ def export(
     staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staged.chmod(0o755)  # mkdtemp's 0700 would hide the export from other users
     try:
-        written = _write_formats(cfg, loaded, representative, staged)
+        written, notes = _write_formats(cfg, loaded, representative, staged)
         results = check_parity(written, reference, pixels, [p.read_bytes() for p in check_paths])
         _require_float_parity(results, cfg.min_float_agreement)
-        _write_manifest(staged, describe_model(chosen, loaded), written, results, cfg.onnx)
+        _write_manifest(staged, describe_model(chosen, loaded), written, notes, results, cfg.onnx)
         _swap_in(staged, out_dir)
     finally:
         if staged.exists():
