@@ -10,7 +10,8 @@ crop + JPEG, a small perspective change, a text watermark, colour jitter and let
 The real clean stage runs on the set (one class, ``near_duplicates: group``, so every image
 keeps its group id). Ground truth: an original and its copies are one family; pair precision
 and recall are over all pairs of images, "predicted" meaning the same group id. Per transform,
-the recall of the (original, copy) pair. With ``--groups-both`` it also groups the stage's
+the recall of the (original, copy) pair, and of the pairs missed, how many pass 2 never proposed and
+how many it proposed but did not confirm. With ``--groups-both`` it also groups the stage's
 matched pairs both ways (connected components vs stars around a representative) and prints
 precision, recall and the largest group of each.
 
@@ -233,6 +234,39 @@ def groups_from_manifest(clean_dir: Path) -> dict[str, str]:
     return {row["raw_path"]: row["group"] for row in rows}
 
 
+def missed_pairs(clean_dir: Path, truth: dict[str, tuple[str, str]], cfg: CleanConfig) -> None:
+    """Per transform, the (original, copy) pairs left in different groups: never proposed by
+    pass 2's neighbour search, or proposed and not confirmed (by ORB or dense alignment)."""
+    from pipeline.clean.analysis import ANALYSIS
+    from pipeline.clean.embed import decode_views
+    from pipeline.clean.neighbours import view_neighbours
+
+    group_of = groups_from_manifest(clean_dir)
+    entries = [json.loads(line) for line in (clean_dir / ANALYSIS).read_text().splitlines()]
+    images = {entry["key"].split("|")[1]: entry["image"] for entry in entries if entry["image"]}
+    paths = sorted(p for p in images if p in group_of)
+    index = {p: n for n, p in enumerate(paths)}
+    views = np.stack([decode_views(images[p]["embedding"]) for p in paths])
+    mirrors = np.stack([decode_views(images[p]["mirror_embedding"]) for p in paths])
+    pairs = view_neighbours(
+        views, mirrors, cfg.second_pass_neighbours, cfg.second_pass_min_similarity
+    )
+    proposed = {(int(a), int(b)) for a, b in pairs}
+    originals = {truth[p][0]: p for p in paths if truth[p][1] == "original"}
+    missed: Counter[tuple[str, str]] = Counter()
+    for path in paths:
+        family, kind = truth[path]
+        original = originals[family]
+        if kind == "original" or group_of[path] == group_of[original]:
+            continue
+        pair = tuple(sorted((index[path], index[original])))
+        missed[kind, "rejected" if pair in proposed else "not proposed"] += 1
+    print(
+        "missed (original, copy) pairs: "
+        + (", ".join(f"{kind} {why} {n}" for (kind, why), n in sorted(missed.items())) or "none")
+    )
+
+
 def both_groupings(clean_dir: Path, truth: dict[str, tuple[str, str]]) -> None:
     """Connected components vs stars over the matched pairs the stage recorded."""
     from pipeline.clean.grouping import star_labels
@@ -292,6 +326,7 @@ def main() -> None:
         passes = json.loads((work / "report.json").read_text())["passes"]
         print(f"passes: {passes}")
         print_scores("stage groups", pair_scores(truth, groups_from_manifest(work / "clean")))
+        missed_pairs(work / "clean", truth, cfg)
         if args.groups_both:
             both_groupings(work / "clean", truth)
     finally:

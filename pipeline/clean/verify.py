@@ -8,8 +8,8 @@ method ecc: aligned correlation, mirrored).
 
 1. ``view_neighbours`` (neighbours.py): each image's k nearest neighbours per view (mirrored
    views queried too), with the cosine similarity of the pair as is and mirrored; pairs
-   already matched directly are skipped. The pair is compared the way round (as is or
-   mirrored) its embeddings are closer.
+   already matched directly are skipped. A pair is compared as it is, and first mirrored
+   when its mirror's thumbnails are the closer.
 2. With ``duplicate_groups: connected``, pairs are verified most similar first, in rounds
    of ``ROUND`` pairs, and a pair whose images an earlier round (or pass 1) already put in one
    group is not verified at all: it could not change any group. The rounds do not depend on
@@ -31,16 +31,24 @@ method ecc: aligned correlation, mirrored).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 from scipy.cluster.hierarchy import DisjointSet
 
-from pipeline.clean.aligned import aligned_correlation, dense_picture, dense_transform, spread
+from pipeline.clean.aligned import (
+    DENSE_SIDE,
+    aligned_correlation,
+    dense_picture,
+    dense_transform,
+    picture_mask,
+    spread,
+)
 from pipeline.clean.embed import decode_views
 from pipeline.clean.neighbours import pair_similarities, view_neighbours
 from pipeline.clean.records import ImageRecord, Match
@@ -56,13 +64,15 @@ ROUND = 2048  # pairs verified between two transitivity checks (connected groups
 # on sky, cells, the clock; 500, the cap, on textured photos) and the dense fallback runs.
 DENSE_MAX_KEYPOINTS = 150
 # The dense fallback runs only on pairs whose thumbnails are this alike (cosine): it is the
-# costlier check, and on bench/clean_recall.py every copy it confirmed was above 0.73.
-DENSE_MIN_SIMILARITY = 0.75
-GREY_CACHE = 256  # normalised greys a verify worker keeps between tasks
+# costlier check; on bench/clean_recall.py 0.95 of the copies it confirmed are above 0.85.
+DENSE_MIN_SIMILARITY = 0.8
+DENSE_MIN_PICTURE = 0.6  # see dense_suitable
+GREY_CACHE_BYTES = 128 * 2**20  # normalised greys a verify worker keeps between tasks
 
 Features = tuple[np.ndarray, np.ndarray | None]  # keypoint coordinates (n, 2), descriptors
 Edge = tuple[int, int]
-Candidate = tuple[int, int, bool, float]  # i, j, compare j mirrored, similarity that way
+# i, j, compare j mirrored first, similarity that way, similarity the other way
+Candidate = tuple[int, int, bool, float, float]
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class Described:
     plain: Features
     mirrored: Features | None
     dense: tuple[np.ndarray, np.ndarray]  # aligned.dense_picture: small grey, picture mask
+    dense_ok: bool  # whether the dense fallback may judge it (see ``dense_suitable``)
 
 
 @dataclass(frozen=True)
@@ -128,10 +139,11 @@ def orb_pairs(
     pairs = pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
     plain, mirrored = pair_similarities(views, mirrors, pairs)
     flip = mirrored > plain
-    similarity = np.where(flip, mirrored, plain)
+    similarity, other = np.where(flip, mirrored, plain), np.where(flip, plain, mirrored)
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -similarity)) if len(pairs) else []
     candidates: list[Candidate] = [
-        (int(pairs[n, 0]), int(pairs[n, 1]), bool(flip[n]), float(similarity[n])) for n in order
+        (int(pairs[n, 0]), int(pairs[n, 1]), bool(flip[n]), float(similarity[n]), float(other[n]))
+        for n in order
     ]
     settings = VerifySettings.from_config(cfg)
     described = _describe(settings, candidates, records, out, pool)
@@ -147,6 +159,7 @@ def orb_pairs(
         if transitive:
             chunk = [pair for pair in chunk if not joined.connected(pair[0], pair[1])]
         verified += len(chunk)
+        chunk.sort()  # pairs of one image in one task: its grey is read once
         tasks = [
             _verify_task(settings, chunk[at : at + VERIFY_BATCH], described, files)
             for at in range(0, len(chunk), VERIFY_BATCH)
@@ -176,7 +189,7 @@ def _describe(
 ) -> dict[int, Described]:
     """``Described`` of every image a candidate pair needs, computed on the workers."""
     needed: dict[int, bool] = {}
-    for i, j, flip, _ in candidates:
+    for i, j, flip, *_ in candidates:
         needed.setdefault(i, False)
         needed[j] = needed.get(j, False) or flip
     indices = sorted(needed)
@@ -211,9 +224,23 @@ def _verify_task(
     )
 
 
-@lru_cache(maxsize=GREY_CACHE)
+_greys: OrderedDict[str, np.ndarray] = OrderedDict()  # this worker's, least recent first
+
+
 def _orb_grey_cached(path: str) -> np.ndarray:
-    return _orb_grey(Path(path))
+    """``_orb_grey``, kept in this worker (up to GREY_CACHE_BYTES, least recently used out):
+    a verify task's pairs share images with the tasks before it, and reading them again was
+    a quarter of pass 2's time."""
+    grey = _greys.get(path)
+    if grey is not None:
+        _greys.move_to_end(path)
+        return grey
+    grey = _orb_grey(Path(path))
+    held = sum(g.nbytes for g in _greys.values())
+    while _greys and held + grey.nbytes > GREY_CACHE_BYTES:
+        held -= _greys.popitem(last=False)[1].nbytes
+    _greys[path] = grey
+    return grey
 
 
 def _orb_grey(path: Path) -> np.ndarray:
@@ -246,12 +273,25 @@ def describe_images(task: DescribeTask) -> dict[int, Described]:
     described = {}
     for index, path, mirror in task.images:
         grey = _orb_grey(Path(path))
+        dense = dense_picture(grey)
         described[index] = Described(
             plain=features(grey),
             mirrored=features(_mirror(grey)) if mirror else None,
-            dense=dense_picture(grey),
+            dense=dense,
+            dense_ok=dense_suitable(Path(path), grey),
         )
     return described
+
+
+def dense_suitable(path: Path, grey: np.ndarray) -> bool:
+    """Whether the dense fallback may judge this image: stored with at least DENSE_SIDE
+    pixels on its long side, and a picture (not a flat background) on at least
+    DENSE_MIN_PICTURE of it. An upscaled thumbnail or an object on a plain background has no
+    fine detail of its own, only its outline: the dense check merged 45 different plain
+    Fashion-MNIST shirts of the demo (28 px) at correlations of 0.90-0.95."""
+    with Image.open(path) as image:
+        side = max(image.size)
+    return side >= DENSE_SIDE and float(picture_mask(grey).mean()) >= DENSE_MIN_PICTURE
 
 
 def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
@@ -262,34 +302,40 @@ def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
     content in common and at least ``min_correlation`` once aligned; or, for a pair ORB
     cannot judge, the same overlap and correlation once densely aligned.
     """
-    settings = task.settings
     confirmed = []
-    for i, j, flip, similarity in task.pairs:
-        first, second = task.described[i], task.described[j]
-        features = second.mirrored if flip else second.plain
-        assert features is not None  # describe_images made it: a pair needs it
-        matches = _ratio_matches(first.plain, features, settings)
-        if matches is not None:
-            grey_i = _orb_grey_cached(task.files[i])
-            grey_j = _orb_grey_cached(task.files[j])
-            verdict = _aligned(grey_i, _mirror(grey_j) if flip else grey_j, matches, settings)
-            if verdict is not None:
-                inliers, correlation = verdict
-                match = Match("orb", inliers=inliers, correlation=round(correlation, 4))
-                confirmed.append((i, j, _oriented(match, flip)))
-                continue
-        few = min(len(first.plain[0]), len(features[0])) < DENSE_MAX_KEYPOINTS
-        if few and similarity >= DENSE_MIN_SIMILARITY:
-            dense = (_mirror(second.dense[0]), _mirror(second.dense[1])) if flip else second.dense
-            correlation = _dense(first.dense, dense, settings)
-            if correlation is not None:
-                match = Match("ecc", correlation=round(correlation, 4))
-                confirmed.append((i, j, _oriented(match, flip)))
+    for i, j, flip, similarity, other in task.pairs:
+        match = _verify_pair(task, i, j, flip, similarity)
+        if match is None and flip:
+            # Thumbnails say little about which way round two crops of one photo are (plain
+            # 0.0 vs mirrored 0.5 for ORB-confirmed crops of bench/clean_throughput.py's
+            # photos), so a pair is always compared as it is; mirrored only when its mirror's
+            # thumbnails are the closer (a flipped copy's are, by far).
+            match = _verify_pair(task, i, j, False, other)
+        if match is not None:
+            confirmed.append((i, j, match))
     return confirmed
 
 
-def _oriented(match: Match, flip: bool) -> Match:
-    return Match(match.method, inliers=match.inliers, correlation=match.correlation, mirrored=flip)
+def _verify_pair(task: VerifyTask, i: int, j: int, flip: bool, similarity: float) -> Match | None:
+    """The evidence that i and j (mirrored if ``flip``) are one picture, or None."""
+    settings = task.settings
+    first, second = task.described[i], task.described[j]
+    features = second.mirrored if flip else second.plain
+    assert features is not None  # describe_images made it: a pair needs it
+    matches = _ratio_matches(first.plain, features, settings)
+    if matches is not None:
+        grey_i, grey_j = _orb_grey_cached(task.files[i]), _orb_grey_cached(task.files[j])
+        verdict = _aligned(grey_i, _mirror(grey_j) if flip else grey_j, matches, settings)
+        if verdict is not None:
+            inliers, correlation = verdict
+            return Match("orb", inliers=inliers, correlation=round(correlation, 4), mirrored=flip)
+    few = min(len(first.plain[0]), len(features[0])) < DENSE_MAX_KEYPOINTS
+    if few and first.dense_ok and second.dense_ok and similarity >= DENSE_MIN_SIMILARITY:
+        dense = (_mirror(second.dense[0]), _mirror(second.dense[1])) if flip else second.dense
+        correlation = _dense(first.dense, dense, settings)
+        if correlation is not None:
+            return Match("ecc", correlation=round(correlation, 4), mirrored=flip)
+    return None
 
 
 def _dense(
