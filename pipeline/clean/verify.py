@@ -38,7 +38,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 from scipy.cluster.hierarchy import DisjointSet
 
 from pipeline.clean.aligned import (
@@ -245,9 +244,15 @@ def _orb_grey_cached(path: str) -> np.ndarray:
 
 def _orb_grey(path: Path) -> np.ndarray:
     """The normalised image in grey as ORB sees it: tiny images upscaled to ORB_SIDE."""
+    return _for_orb(_read_grey(path))
+
+
+def _read_grey(path: Path) -> np.ndarray:
     grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if grey is None:
-        return np.zeros((1, 1), np.uint8)
+    return np.zeros((1, 1), np.uint8) if grey is None else grey
+
+
+def _for_orb(grey: np.ndarray) -> np.ndarray:
     scale = ORB_SIDE / max(grey.shape)
     if scale > 1:
         grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
@@ -272,26 +277,25 @@ def describe_images(task: DescribeTask) -> dict[int, Described]:
 
     described = {}
     for index, path, mirror in task.images:
-        grey = _orb_grey(Path(path))
+        stored = _read_grey(Path(path))
+        grey = _for_orb(stored)
         dense = dense_picture(grey)
         described[index] = Described(
             plain=features(grey),
             mirrored=features(_mirror(grey)) if mirror else None,
             dense=dense,
-            dense_ok=dense_suitable(Path(path), grey),
+            dense_ok=dense_suitable(stored),
         )
     return described
 
 
-def dense_suitable(path: Path, grey: np.ndarray) -> bool:
-    """Whether the dense fallback may judge this image: stored with at least DENSE_SIDE
+def dense_suitable(grey: np.ndarray) -> bool:
+    """Whether the dense fallback may judge this stored image: at least DENSE_SIDE
     pixels on its long side, and a picture (not a flat background) on at least
     DENSE_MIN_PICTURE of it. An upscaled thumbnail or an object on a plain background has no
     fine detail of its own, only its outline: the dense check merged 45 different plain
     Fashion-MNIST shirts of the demo (28 px) at correlations of 0.90-0.95."""
-    with Image.open(path) as image:
-        side = max(image.size)
-    return side >= DENSE_SIDE and float(picture_mask(grey).mean()) >= DENSE_MIN_PICTURE
+    return max(grey.shape) >= DENSE_SIDE and float(picture_mask(grey).mean()) >= DENSE_MIN_PICTURE
 
 
 def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
