@@ -17,6 +17,7 @@ split → audit, and prints against the truth (recorded per image URL):
   on ~228 test images is too noisy to tell the two apart), as mean ± standard deviation.
 
     python bench/audit.py                      # 3 × 400 images, ~10 minutes on 2 CPU cores
+    python bench/audit.py --also-drop-below 0.15   # also drop only the confident label issues
     python bench/audit.py --per-class 800 --work /tmp/bench-audit
 
 Results are in bench/RESULTS.md.
@@ -289,8 +290,8 @@ def report_audit(project: Path, images: list[Image]) -> None:
     print(f"  foreign flags vs foreign images:    {kind_rates(foreign_flags, foreign)}")
 
 
-def report_drop(project: Path, images: list[Image]) -> None:
-    """What ``action: drop`` removed from train/val, against the truth."""
+def report_drop(project: Path, images: list[Image], name: str) -> None:
+    """What ``action: drop`` (variant ``name``) removed from train/val, against the truth."""
     from pipeline.files import read_csv
 
     rows = read_csv(project / "data/audit/label_issues.csv")
@@ -299,7 +300,7 @@ def report_drop(project: Path, images: list[Image]) -> None:
     pool = [i for i in images if i.split != "test"]
     bad = {i.sha256 for i in pool if i.wrong or i.foreign}
     print(
-        f"\naction drop, train+val ({len(pool)} images, {len(bad)} wrong or foreign): "
+        f"\naction {name}, train+val ({len(pool)} images, {len(bad)} wrong or foreign): "
         f"removed {len(dropped)}: {kind_rates(dropped, bad)}; "
         f"{len(kept)} label issues kept and flagged (precision "
         f"{len(kept & bad) / max(len(kept), 1):.2f})"
@@ -322,6 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trainings", type=int, default=3, help="baseline trainings per action (training seeds)"
     )
+    parser.add_argument(
+        "--also-drop-below",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also train with action drop at these audit.drop_below values",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/crawl2model-bench-audit"))
     args = parser.parse_args(argv)
@@ -335,18 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     site = args.work / "site"
     truth = build_noisy_site(site, args.per_class, args.wrong, args.foreign, args.seed)
     project = args.work / "project"
-    params = {
-        action: bench_params(args.work / "site", action, args.image_size, args.epochs)
-        for action in ("flag", "drop")
-    }
-    base_seed = int(params["flag"]["seed"])
+    flag = bench_params(site, "flag", args.image_size, args.epochs)
+    drop = bench_params(site, "drop", args.image_size, args.epochs)
+    variants = {"flag": flag, f"drop (drop_below {drop['audit']['drop_below']})": drop}
+    for below in args.also_drop_below:
+        extra = bench_params(site, "drop", args.image_size, args.epochs)
+        extra["audit"]["drop_below"] = below
+        variants[f"drop (drop_below {below})"] = extra
+    base_seed = int(flag["seed"])
     train_seeds = [base_seed + n for n in range(args.trainings)]
-    accuracy: dict[str, list[float]] = {"flag": [], "drop": []}
-    seconds: dict[str, list[float]] = {"flag": [], "drop": []}
+    accuracy: dict[str, list[float]] = {name: [] for name in variants}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
     with inside(project):
         for stage in ("crawl", "clean", "split"):
-            run(stage, params["flag"])
-        audit_run = run("audit", params["flag"])
+            run(stage, flag)
+        audit_run = run("audit", flag)
         images = read_images(project, truth)
         report_audit(project, images)
         noise = json.loads((project / "reports/audit_report.json").read_text())["noise_rate"]
@@ -355,28 +366,30 @@ def main(argv: list[str] | None = None) -> int:
             actual = sum(i.wrong or i.foreign for i in pool) / len(pool)
             estimate = noise["train+val"][name]
             print(f"  {name}: estimated noise {estimate:.2f}, actual {actual:.2f} (train+val)")
-        for action in ("flag", "drop"):
-            rerun = run("audit", params[action]) if action != "flag" else audit_run
-            if action == "drop":
-                report_drop(project, images)
+        for name, params in variants.items():
+            rerun = run("audit", params) if name != "flag" else audit_run
+            if name != "flag":
+                report_drop(project, images, name)
             for n, train_seed in enumerate(train_seeds):
-                trained = run("train-baseline", params[action], train_seed)
-                seconds[action].append(trained.seconds)
-                if action == "flag" and n == 0:
+                trained = run("train-baseline", params, train_seed)
+                seconds[name].append(trained.seconds)
+                if name == "flag" and n == 0:
                     compare_rankings(project, images)
-                accuracy[action].append(true_accuracy(project, images))
-    difference = [d - f for f, d in zip(accuracy["flag"], accuracy["drop"], strict=True)]
+                accuracy[name].append(true_accuracy(project, images))
     print(
         f"\nbaseline test accuracy on the TRUE labels, {args.trainings} training(s) per action "
         f"(training seeds {train_seeds[0]}..{train_seeds[-1]}, same data), mean ± sd:"
     )
-    print(f"  action flag  {spread(accuracy['flag'])}")
-    print(f"  action drop  {spread(accuracy['drop'])}")
-    print(f"  drop − flag  {spread(difference)} (per training seed)")
+    for name, values in accuracy.items():
+        print(f"  action {name:26s} {spread(values)}")
+    for name, values in accuracy.items():
+        if name != "flag":
+            difference = [d - f for f, d in zip(accuracy["flag"], values, strict=True)]
+            print(f"  {name} − flag: {spread(difference)} (per training seed)")
+    per_training = ", ".join(f"{np.mean(s):.0f} s ({name})" for name, s in seconds.items())
     print(
         f"time: audit {audit_run.seconds:.0f} s (features extracted), rerun with action drop "
-        f"{rerun.seconds:.0f} s (features cached); baseline {np.mean(seconds['flag']):.0f} s "
-        f"(flag) and {np.mean(seconds['drop']):.0f} s (drop) per training"
+        f"{rerun.seconds:.0f} s (features cached); baseline per training: {per_training}"
     )
     return 0
 

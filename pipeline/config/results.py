@@ -65,9 +65,9 @@ class AuditSettings(_Section):
     components: Annotated[int, Field(ge=0, le=4096)] = 128
     rank_by: Literal["self_confidence", "normalized_margin"] = "self_confidence"
     relabel_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
-    # action drop/relabel: a label issue is removed only when its label quality is below this
-    # (a confident suspect); the others stay in training, flagged for review
-    drop_below: Annotated[float, Field(ge=0, le=1)] = 0.15
+    # action drop/relabel: a label issue is removed only when its label quality is below this;
+    # the others stay in training, flagged for review (1.0: every label issue is removed)
+    drop_below: Annotated[float, Field(ge=0, le=1)] = 1.0
     ood_neighbours: Annotated[int, Field(ge=1, le=500)] = 50
     ood_threshold: Annotated[float, Field(gt=0)] = 2.0
     review: Path = Path("data/audit/review.csv")
