@@ -14,11 +14,18 @@ under ``clean.max_image_pixels`` (PNG and JPEG).
 
     python bench/clean_throughput.py --peer-python /tmp/peers/bin/python
     python bench/clean_throughput.py --limit 5000 --photos 1500 --rounds 3 --peer-python ...
+    python bench/clean_throughput.py --only photos --photos 1500 --tools off imagededup ...
+    python bench/clean_throughput.py --only demo --rounds 1 --peer-limit 10000 ...  # 34k files
+
+``--tools`` picks what is timed, ``--set key=json`` passes a clean param to our runs, and
+``--peer-limit N`` runs the peers on a random N of the files (the full demo site's 33,953
+takes fastdup and imagededup many minutes); their speed is then per image of that subset.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -26,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +102,21 @@ def timed(command: list[str], cwd: Path | None = None) -> tuple[float, float, di
     return cpu, wall, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def flat_dir(raw: Path, flat: Path) -> None:
-    """The raw images in one folder (links) for the peers, named class__file."""
+def flat_dir(raw: Path, flat: Path, limit: int = 0, seed: int = 0) -> set[str]:
+    """The raw images in one folder (links) for the peers, named class__file; with ``limit``,
+    a random ``limit`` of them (seeded). Returns the names linked."""
     flat.mkdir(parents=True, exist_ok=True)
-    for row in map(json.loads, (raw / "manifest.jsonl").read_text().splitlines()):
+    rows = [json.loads(line) for line in (raw / "manifest.jsonl").read_text().splitlines()]
+    if 0 < limit < len(rows):
+        picked = np.random.default_rng(seed).choice(len(rows), limit, replace=False)
+        rows = [rows[i] for i in sorted(picked)]
+    names = set()
+    for row in rows:
         target = flat / row["path"].replace("/", "__")
         if not target.exists():
             target.symlink_to(raw / row["path"])
+        names.add(target.name)
+    return names
 
 
 def demo_set(work: Path, limit: int) -> Path:
@@ -160,24 +174,31 @@ def photo_set(work: Path, count: int, seed: int = 0) -> Path:
 
 
 def pairs_of_groups(groups: list[list[str]]) -> set[tuple[str, str]]:
-    return {(a, b) for g in groups for i, a in enumerate(sorted(g)) for b in sorted(g)[i + 1 :]}
+    return {pair for g in groups for pair in itertools.combinations(sorted(g), 2)}
 
 
 def describe_groups(label: str, groups: list[list[str]], ours: set[tuple[str, str]]) -> str:
-    pairs = pairs_of_groups(groups)
-    shared = len(pairs & ours) / len(ours) if ours else 1.0
+    """Images and groups a tool found, and how its pairs overlap ``ours``; counted without
+    listing a peer's pairs (fastdup can join thousands of tiny images into one group)."""
+    group_of = {member: n for n, group in enumerate(groups) for member in group}
+    common = sum(1 for a, b in ours if a in group_of and group_of.get(b) == group_of[a])
+    total = sum(len(g) * (len(g) - 1) // 2 for g in groups)
+    shared = common / len(ours) if ours else 1.0
     largest = max((len(g) for g in groups), default=0)
     return (
         f"{label}: {sum(len(g) for g in groups)} images in {len(groups)} groups "
-        f"(largest {largest}); pairs ours also has: {len(pairs & ours)} of {len(pairs)}; "
+        f"(largest {largest}); pairs ours also has: {common} of {total}; "
         f"of our pairs it has {shared:.2f}"
     )
 
 
 def run_set(name: str, raw: Path, work: Path, args: argparse.Namespace) -> None:
     flat = work / f"{name}-flat"
-    flat_dir(raw, flat)
+    subset = flat_dir(raw, flat, args.peer_limit)
     n = len((raw / "manifest.jsonl").read_text().splitlines())
+    sizes = {tool: n for tool in TOOLS}
+    if len(subset) < n:
+        sizes.update({"fastdup": len(subset), "imagededup PHash": len(subset)})
     tools = {
         "crawl2model pass 2 off": lambda r: _ours(raw, work / f"{name}-off-{r}", args.set | OFF),
         "crawl2model default": lambda r: _ours(raw, work / f"{name}-on-{r}", args.set),
@@ -192,10 +213,16 @@ def run_set(name: str, raw: Path, work: Path, args: argparse.Namespace) -> None:
     for round_ in range(args.rounds):
         for tool, function in tools.items():
             cpu, wall, groups = function(round_)
-            speeds[tool].append(n / cpu)
+            speeds[tool].append(sizes[tool] / cpu)
             walls[tool].append(wall)
             found[tool] = groups
     print(f"\n== {name}: {n} images, medians of {args.rounds} interleaved rounds ==")
+    if len(subset) < n and {"fastdup", "imagededup PHash"} & set(tools):
+        print(
+            f"(fastdup and imagededup ran on a random {len(subset)} of the {n} files, "
+            "--peer-limit; their speeds are per image of that subset, and groups are compared "
+            "on it)"
+        )
     for tool in tools:
         print(
             f"{tool:24s} {statistics.median(speeds[tool]):7.1f} images/CPU-s "
@@ -208,7 +235,10 @@ def run_set(name: str, raw: Path, work: Path, args: argparse.Namespace) -> None:
             if ours_tool in medians and peer in medians:
                 print(f"  {ours_tool} / {peer}: {medians[ours_tool] / medians[peer]:.2f}x")
     reference = "crawl2model default" if "crawl2model default" in found else next(iter(found))
-    ours = pairs_of_groups(found[reference])
+    ours = {pair for pair in pairs_of_groups(found[reference]) if set(pair) <= subset}
+    for tool, groups in found.items():
+        inside = ([m for m in g if m in subset] for g in groups)
+        found[tool] = [g for g in inside if len(g) > 1]
     print(f"  pairs compared with {reference}'s")
     for tool, groups in found.items():
         print("  " + describe_groups(tool, groups, ours))
@@ -241,17 +271,18 @@ def _peer(python: str, script: str, flat: Path, work: Path | None) -> tuple[floa
         parent: dict[str, str] = {}
 
         def find(x: str) -> str:
+            # Path halving: imagededup links thousands of tiny images into one component,
+            # where plain parent-walking took minutes of this (untimed) process.
             while parent.setdefault(x, x) != x:
+                parent[x] = parent[parent[x]]
                 x = parent[x]
             return x
 
         for a, b in result["pairs"]:
             parent[find(a)] = find(b)
-        groups = Counter()
         members: dict[str, list[str]] = {}
         for x in list(parent):
             members.setdefault(find(x), []).append(x)
-            groups[find(x)] += 1
         return cpu, wall, [g for g in members.values() if len(g) > 1]
     return cpu, wall, result["groups"]
 
@@ -284,7 +315,7 @@ def peak_rss(work: Path) -> None:
     baseline = (
         int(
             subprocess.run(
-                [sys.executable, "-c", "import pipeline.clean.stage\n" + hwm],
+                [sys.executable, "-c", "import pipeline.clean.decode\n" + hwm],
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
@@ -304,7 +335,7 @@ def peak_rss(work: Path) -> None:
         status, megabytes = done.stdout.split()
         print(
             f"peak RSS analysing one {side}x{side} {fmt} ({status}): {megabytes} MB "
-            f"(after importing the stage alone: {baseline} MB)"
+            f"(after importing decode.py alone: {baseline} MB)"
         )
 
 
@@ -313,6 +344,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="demo images (0 = all 30,000)")
     parser.add_argument("--photos", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--peer-limit",
+        type=int,
+        default=0,
+        help="run fastdup and imagededup on a random subset of this many files (0 = all)",
+    )
     parser.add_argument("--peer-python", help="a Python with fastdup and imagededup installed")
     parser.add_argument("--only", choices=["demo", "photos", "memory"])
     parser.add_argument(
