@@ -101,7 +101,10 @@ def _write_formats(
         source = formats.write_tflite_source(loaded.model, loaded.image_size, out / ".tflite")
         reference = None
         if "int8" in cfg.tflite and cfg.int8_float_layers:
-            reference = np.asarray(loaded.model(representative, training=False))
+            batches = range(0, len(representative), 64)
+            reference = np.concatenate(
+                [loaded.model(representative[i : i + 64], training=False) for i in batches]
+            )
         for variant in cfg.tflite:
             converted = formats.tflite_bytes(
                 source, variant, representative, cfg.int8_float_layers, reference
