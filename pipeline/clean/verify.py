@@ -175,6 +175,7 @@ def orb_pairs(
         for a, b, match in sorted(found, key=lambda item: item[:2]):
             joined.merge(a, b)
             confirmed.append((a, b, match))
+    _greys.clear()  # what an inline run (one worker) kept in this process
     confirmed.sort(key=lambda pair: pair[:2])
     counts = {
         "orb_candidates": len(candidates),
