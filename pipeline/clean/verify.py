@@ -17,16 +17,19 @@ method ecc: aligned correlation, mirrored).
 3. ``describe_images`` (workers): ORB keypoints of every image a pair needs (and of its
    mirror, when a pair needs that), computed once from one read of the file, plus the small
    grey picture the dense fallback aligns.
-4. ``verify_pairs`` (workers): ratio-test matches, a RANSAC similarity transform (a
+4. ``verify_pairs`` (workers): ratio-test matches (after a quick look at the strongest
+   ``PREFILTER_KEYPOINTS`` of each image), a RANSAC similarity transform (a
    homography when the similarity does not line the pictures up: perspective) with enough
    inliers; then the two must overlap on at least ``orb_min_overlap`` of each one's content
    (so overlapping crops of one photograph stay apart), and their fine detail, once aligned,
    must correlate by at least ``orb_min_correlation`` over the overlap, or halfway from there
    to 1 in the median of 4 × 4 tiles (so a watermark over a strip does not hide a copy).
    When ORB cannot judge — either picture has under ``DENSE_MAX_KEYPOINTS`` keypoints (sky,
-   cells, a smooth clock face) — and the embeddings are at least ``DENSE_MIN_SIMILARITY``
-   alike, ``aligned.dense_transform`` aligns the two by ECC instead and the same overlap and
-   correlation test decides (aligned.py).
+   cells, a smooth clock face) — the embeddings are at least ``DENSE_MIN_SIMILARITY`` alike
+   and both images suit it (``dense_suitable``), ``aligned.dense_transform`` aligns the two
+   by ECC instead; the same overlap test and a stricter correlation bar (halfway from
+   ``orb_min_correlation`` to 1) decide, on detail with the fill of rotated corners and
+   letterbox bars left out (aligned.py).
 """
 
 from __future__ import annotations
