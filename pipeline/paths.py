@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 RAW = Path("data/raw")  # crawl: <class>/<sha256>.<ext> + manifest.jsonl
-CLEAN = Path("data/clean")  # clean: <class>/<sha256>.png + manifest, removed, groups
+CLEAN = Path("data/clean")  # clean: <class>/<sha256>.<jpg|png> + manifest, removed, groups
 SPLIT = Path("data/split")  # split: train.csv, val.csv, test.csv (path, class, group)
 AUDIT = Path("data/audit")  # audit: the audited train/val/test.csv (what training reads),
 # label_issues.csv, features/ (cache); review.csv, a person's decisions, is an input (git)

@@ -4,7 +4,7 @@ Consumes ``data/clean/manifest.jsonl`` (one row per kept image: path relative to
 class, group, ...) and the ``split`` section of params.yaml. Produces, in ``data/split/``:
 
 - ``train.csv``, ``val.csv``, ``test.csv``: columns path, class, group; ``path`` is relative to
-  the CSV's own folder (``../clean/<class>/<sha>.png``). No images are copied.
+  the CSV's own folder (``../clean/<class>/<sha>.<jpg|png>``). No images are copied.
 - ``assignment.csv``: every clean image with its split (``unused`` when count targets are full),
   paths relative to data/clean: the persisted assignment the next run starts from.
 - ``split_params.json``: the fingerprint of the seed and sizes that assignment was made with

@@ -39,7 +39,7 @@ class AuditImage:
     split: str
     index: int  # row number in its split CSV (0-based, header excluded)
     csv_path: str  # as written in the split CSV: relative to the CSV's own folder
-    clean_path: str  # relative to data/clean, as in its manifest: <class>/<sha256>.png
+    clean_path: str  # relative to data/clean, as in its manifest: <class>/<sha256>.<jpg|png>
     file: Path  # the image on disk
     sha256: str
     label: str

@@ -5,9 +5,10 @@ data/raw, url, page_url, source, license, attribution, fetched_at, ...) and the 
 
 Produces, under ``data/clean/``:
 
-- ``<class>/<sha256>.png`` — every kept image fully decoded, EXIF-rotated, first frame only,
-  converted to RGB (transparency onto white, 16-bit scaled down) and shrunk to ``max_side``;
-  ``sha256`` is the hash of the decoded pixels, so re-encoded copies share a name.
+- ``<class>/<sha256>.<jpg|png>`` — every kept image fully decoded, EXIF-rotated, first frame
+  only, converted to RGB (transparency onto white, 16-bit scaled down) and shrunk to
+  ``max_side``; JPEG for a JPEG source and PNG otherwise (``output_format: auto``); ``sha256`` is
+  the hash of the decoded pixels, so re-encoded copies share a name.
 - ``manifest.jsonl`` — one row per kept image: path (relative to data/clean), class, sha256,
   phash, width, height, group, quality flags and the raw row's provenance.
 - ``removed.jsonl`` — one row per dropped raw file with its ``reason`` (missing, corrupt,
