@@ -19,7 +19,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipeline.clean.embed import TRIM_MIN_AREA, TRIM_TOLERANCE, trim_borders
+from pipeline.clean.embed import TRIM_MIN_AREA, content_box
 
 TILES = 4  # the aligned correlation is the median over a TILES × TILES grid
 MIN_TILES = 4  # tiles with enough overlap and detail needed for a verdict
@@ -44,16 +44,6 @@ def spread(points: np.ndarray, shape: tuple[int, ...]) -> bool:
     every false merge there was text-on-text), while a copy's inliers cover the picture."""
     span = np.ptp(points, axis=0) / np.array([shape[1], shape[0]], dtype=np.float64)
     return bool(span.min() >= MIN_SPREAD)
-
-
-def content_box(grey: np.ndarray) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the picture inside uniform borders (letterbox bars)."""
-    height, width = grey.shape
-    if trim_borders(grey).shape == grey.shape:
-        return 0, 0, width, height
-    content = np.abs(grey.astype(np.int16) - int(grey[0, 0])) > TRIM_TOLERANCE
-    rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def content_mask(grey: np.ndarray) -> np.ndarray:

@@ -26,15 +26,24 @@ TRIM_TOLERANCE = 8  # grey levels: how far from the corner colour a border may s
 TRIM_MIN_AREA = 0.3  # never trim an image to less than this fraction (a plain subject)
 
 
-def trim_borders(grey: np.ndarray) -> np.ndarray:
-    """``grey`` without uniform borders of its top-left corner's colour (letterbox bars)."""
+def content_box(grey: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the picture inside uniform borders of the top-left
+    corner's colour (letterbox bars); the whole image when there are none, or when what they
+    frame is under TRIM_MIN_AREA of it (a plain subject)."""
+    height, width = grey.shape
     content = np.abs(grey.astype(np.int16) - int(grey[0, 0])) > TRIM_TOLERANCE
     rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
     if not len(rows) or not len(cols):
-        return grey
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        return 0, 0, width, height
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     if (bottom - top) * (right - left) < TRIM_MIN_AREA * grey.size:
-        return grey
+        return 0, 0, width, height
+    return left, top, right, bottom
+
+
+def trim_borders(grey: np.ndarray) -> np.ndarray:
+    """``grey`` without uniform borders of its top-left corner's colour (letterbox bars)."""
+    left, top, right, bottom = content_box(grey)
     return grey[top:bottom, left:right]
 
 
