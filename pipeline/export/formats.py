@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pipeline.config import StageError
+from pipeline.export.runtimes import TFLiteModel
 
 SAVED_MODEL = "saved_model"
 PIXEL_SIGNATURE = "serve_pixels"
@@ -132,19 +132,10 @@ def _int8_converter(saved_model_dir: Path, calibration: np.ndarray) -> Any:
     return converter
 
 
-def _probabilities(data: bytes, images: np.ndarray) -> np.ndarray:
-    import tensorflow as tf
-
-    with warnings.catch_warnings():  # tf.lite.Interpreter warns it moves to ai_edge_litert
-        warnings.simplefilter("ignore")
-        runner = tf.lite.Interpreter(model_content=data).get_signature_runner()
-    rows = [runner(images=image[None])["probabilities"] for image in images]
-    return np.concatenate(rows).astype(np.float64)
-
-
 def _kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Mean KL(reference || candidate) over images, in nats."""
-    p, q = np.clip(reference, 1e-8, 1), np.clip(candidate, 1e-8, 1)
+    """Mean KL(reference || candidate) over images, in nats (computed in float64)."""
+    p = np.clip(reference.astype(np.float64), 1e-8, 1)
+    q = np.clip(candidate.astype(np.float64), 1e-8, 1)
     return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
 
 
@@ -184,7 +175,7 @@ def _int8_with_float_prefix(
             denylisted_nodes=[op["output"] for op in prefix]
         )
         data = bytes(debugger.get_nondebug_quantized_model())
-        error = _kl_divergence(reference, _probabilities(data, calibration))
+        error = _kl_divergence(reference, TFLiteModel(data)(calibration))
         candidates.append((error, prefix, data))
     lowest = min(error for error, _, _ in candidates)
     _, prefix, data = next(c for c in candidates if c[0] <= KL_TOLERANCE * lowest)

@@ -20,14 +20,18 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 
 class TFLiteModel:
-    """A .tflite file run with TensorFlow's interpreter through its one signature."""
+    """A .tflite file (or its bytes, before it is written) run with TensorFlow's interpreter
+    through its one signature."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, model: Path | bytes, threads: int | None = None) -> None:
         import tensorflow as tf
 
+        source = (
+            {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+        )
         with warnings.catch_warnings():  # tf.lite.Interpreter warns it moves to ai_edge_litert
             warnings.simplefilter("ignore")
-            self.interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
+            self.interpreter = tf.lite.Interpreter(**source, num_threads=threads)
         self.runner = self.interpreter.get_signature_runner()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -75,11 +79,18 @@ class SavedModelBytes:
         return self.outputs(encoded)["probabilities"].astype(np.float32)
 
 
-def keras_predict(model: Any) -> Predict:
-    """The Keras model as a pixels → probabilities function (no Keras progress bar)."""
+def keras_predict(model: Any, batch_size: int | None = None) -> Predict:
+    """The Keras model as a pixels → probabilities function (no Keras progress bar); with
+    ``batch_size``, it calls the model on that many images at a time."""
 
     def predict(images: np.ndarray) -> np.ndarray:
-        return np.asarray(model(images.astype(np.float32), training=False), dtype=np.float32)
+        images = images.astype(np.float32)
+        if batch_size is None or len(images) <= batch_size:
+            return np.asarray(model(images, training=False), dtype=np.float32)
+        batches = range(0, len(images), batch_size)
+        return np.concatenate(
+            [np.asarray(model(images[i : i + batch_size], training=False)) for i in batches]
+        ).astype(np.float32)
 
     return predict
 

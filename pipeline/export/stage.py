@@ -32,7 +32,14 @@ import numpy as np
 
 from pipeline.config import ExportConfig, StageError
 from pipeline.export import formats
-from pipeline.export.runtimes import OnnxModel, Parity, SavedModelBytes, TFLiteModel, parity
+from pipeline.export.runtimes import (
+    OnnxModel,
+    Parity,
+    SavedModelBytes,
+    TFLiteModel,
+    keras_predict,
+    parity,
+)
 from pipeline.export.select import ChosenModel, choose_model
 from pipeline.files import atomic_write_json, atomic_write_text
 
@@ -101,10 +108,7 @@ def _write_formats(
         source = formats.write_tflite_source(loaded.model, loaded.image_size, out / ".tflite")
         reference = None
         if "int8" in cfg.tflite and cfg.int8_float_layers:
-            batches = range(0, len(representative), 64)
-            reference = np.concatenate(
-                [loaded.model(representative[i : i + 64], training=False) for i in batches]
-            )
+            reference = keras_predict(loaded.model, batch_size=64)(representative)
         for variant in cfg.tflite:
             converted = formats.tflite_bytes(
                 source, variant, representative, cfg.int8_float_layers, reference
@@ -258,7 +262,7 @@ def export(
     )
     check_paths = _evenly_spaced(val.paths, cfg.verify_images)
     pixels = load_images(check_paths, loaded.image_size)
-    reference = np.asarray(loaded.model(pixels, training=False), dtype=np.float32)
+    reference = keras_predict(loaded.model)(pixels)
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
