@@ -267,22 +267,15 @@ def _ours(raw: Path, out: Path, overrides: dict) -> tuple[float, float, list[lis
 def _peer(python: str, script: str, flat: Path, work: Path | None) -> tuple[float, float, list]:
     command = [python, "-c", script, str(flat)] + ([str(work)] if work else [])
     cpu, wall, result = timed(command)
-    if "pairs" in result:  # imagededup: pairs → connected groups
-        parent: dict[str, str] = {}
+    if "pairs" in result:  # imagededup: pairs → connected groups, as the clean stage forms them
+        from pipeline.clean.grouping import graph_groups
 
-        def find(x: str) -> str:
-            # Path halving: imagededup links thousands of tiny images into one component,
-            # where plain parent-walking took minutes of this (untimed) process.
-            while parent.setdefault(x, x) != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for a, b in result["pairs"]:
-            parent[find(a)] = find(b)
-        members: dict[str, list[str]] = {}
-        for x in list(parent):
-            members.setdefault(find(x), []).append(x)
+        names = sorted({name for pair in result["pairs"] for name in pair})
+        index = {name: n for n, name in enumerate(names)}
+        edges = [(index[a], index[b]) for a, b in result["pairs"]]
+        members: dict[int, list[str]] = {}
+        for name, label in zip(names, graph_groups(len(names), edges), strict=True):
+            members.setdefault(int(label), []).append(name)
         return cpu, wall, [g for g in members.values() if len(g) > 1]
     return cpu, wall, result["groups"]
 
