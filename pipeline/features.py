@@ -8,10 +8,20 @@ train-transfer, ``data/features_compare/`` for train-compare), per split:
 ``<split>.csv`` (the image and class behind each row) and ``<split>_features.json``, the resume
 marker (``pipeline.resume``): the cache is reused only while the split CSV and everything the
 features depend on (seed, image size, batch size, dtype policy, backbone, weights) stay the same.
+
+Where it runs: in this process, or with ``train.transfer.dask_address`` (``train.compare``'s for
+train-compare) on that Dask cluster's workers, ``CHUNK_BATCHES`` whole batches a task
+(``pipeline.fanout``). Each worker process rebuilds the extractor from the config once (seed,
+dtype policy, ``models.build_base``, ``models.feature_extractor``: the same weights as this
+process's) and runs the same tf.data pipeline over its rows, so the batches and the features are
+those of an in-process run, put back in row order. Workers read images (and a weights file) by
+absolute path: they must see the project folder at the same path (a shared file system).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import keras
@@ -20,6 +30,7 @@ import tensorflow as tf
 
 from pipeline.config import TrainConfig
 from pipeline.dataset import EpochBatches, SplitRows, label_indices, make_dataset
+from pipeline.fanout import dask_map, in_task_order, weights_stamp, worker_weights
 from pipeline.files import atomic_path, write_csv
 from pipeline.resume import fingerprint, record, reuse_or_wipe
 
@@ -86,12 +97,99 @@ def cached_features(
     return features, labels
 
 
+CHUNK_BATCHES = 4  # train.fit.batch_size batches per Dask task
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """One Dask task: whole batches of a split's rows, by absolute path."""
+
+    cfg: TrainConfig  # train.transfer is the section being trained, fit.image_size its input
+    rows: SplitRows
+    class_names: tuple[str, ...]
+
+
+# A Dask worker's extractors, built once per process and config.
+_EXTRACTORS: dict[str, keras.Model] = {}
+
+
+def _build_extractor(cfg: TrainConfig) -> keras.Model:
+    """The extractor train_transfer builds, from the config alone: seed and dtype policy first
+    (as ``train._configure``), then the base and ``models.feature_extractor``."""
+    from pipeline import models
+
+    keras.utils.set_random_seed(cfg.seed)
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if cfg.fit.mixed_precision else "float32"
+    )
+    base = models.build_base(cfg.transfer.backbone, cfg.fit.image_size, cfg.transfer.weights)
+    return models.feature_extractor(cfg.fit.image_size, base)
+
+
+def _chunk_features(chunk: _Chunk) -> np.ndarray:
+    """The base's features for ``chunk.rows``: runs on a Dask worker."""
+    key = json.dumps(
+        [
+            chunk.cfg.seed,
+            chunk.cfg.fit.image_size,
+            chunk.cfg.fit.mixed_precision,
+            chunk.cfg.transfer.backbone,
+            *weights_stamp(chunk.cfg.transfer.weights),
+        ]
+    )
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = _build_extractor(chunk.cfg)
+    cfg = chunk.cfg
+    ds = make_dataset(
+        chunk.rows, chunk.class_names, cfg.fit.image_size, cfg.fit.batch_size, cache=False
+    )
+    return _EXTRACTORS[key].predict(ds, verbose=0)
+
+
+def _chunks(rows: SplitRows, class_names: list[str], cfg: TrainConfig) -> list[_Chunk]:
+    """``rows`` in tasks of ``CHUNK_BATCHES`` whole batches (the last may be short), paths and
+    a weights file made absolute for workers whose working folder differs."""
+    transfer = cfg.transfer.model_copy(update={"weights": worker_weights(cfg.transfer.weights)})
+    cfg = cfg.model_copy(update={"transfer": transfer})
+    size = CHUNK_BATCHES * cfg.fit.batch_size
+    paths = tuple(p.absolute() for p in rows.paths)
+    return [
+        _Chunk(
+            cfg,
+            dataclasses.replace(
+                rows,
+                paths=paths[start : start + size],
+                labels=rows.labels[start : start + size],
+                groups=rows.groups[start : start + size],
+            ),
+            tuple(class_names),
+        )
+        for start in range(0, len(rows), size)
+    ]
+
+
 def _extract(
     extractor: keras.Model, rows: SplitRows, class_names: list[str], cfg: TrainConfig, split: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    ds = make_dataset(rows, class_names, cfg.fit.image_size, cfg.fit.batch_size, cache=False)
     print(f"extracting {cfg.transfer.backbone} features for {len(rows)} {split} images")
-    return extractor.predict(ds, verbose=cfg.verbose), label_indices(rows, class_names)
+    labels = label_indices(rows, class_names)
+    address = cfg.transfer.dask_address
+    if address:
+        chunks = _chunks(rows, class_names, cfg)
+        # The key as the user wrote it: train-compare's section was moved into transfer (when
+        # the two sections are equal, so are both keys).
+        section = "compare" if cfg.transfer == cfg.compare else "transfer"
+        results = dask_map(
+            _chunk_features,
+            chunks,
+            address=address,
+            key=f"train.{section}.dask_address",
+            desc=f"{split} features",
+            unit="chunk",
+        )
+        return np.concatenate(in_task_order(results, len(chunks))), labels
+    ds = make_dataset(rows, class_names, cfg.fit.image_size, cfg.fit.batch_size, cache=False)
+    return extractor.predict(ds, verbose=cfg.verbose), labels
 
 
 def feature_std(features: np.ndarray) -> float:
@@ -100,9 +198,7 @@ def feature_std(features: np.ndarray) -> float:
     return std if std > 0 else 1.0
 
 
-def features_dataset(
-    features: np.ndarray, labels: np.ndarray, cfg: TrainConfig
-) -> tf.data.Dataset:
+def features_dataset(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> tf.data.Dataset:
     """Batches of cached features and labels, in order (validation)."""
     ds = tf.data.Dataset.from_tensor_slices((features, labels))
     return ds.batch(cfg.fit.batch_size).prefetch(tf.data.AUTOTUNE)

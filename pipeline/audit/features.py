@@ -10,6 +10,12 @@ output in ``POOLED_LAYERS`` averaged over space). Produces ``data/audit/features
 - ``part-<n>.npz``: ``sha256`` (str) and ``features`` (float32 ``[n, d]``) arrays, one file per
   extracted chunk, so a killed run keeps what it finished and a re-crawl computes only new images.
 
+Where it runs: in this process, or with ``audit.dask_address`` on that Dask cluster's workers,
+one ``CHUNK`` of images per task (``pipeline.fanout``); each worker process builds the extractor
+once and reads the images by path, so workers must see the project folder at the same path (a
+shared file system, as for clean and the crawl). This process writes each part as its chunk
+comes back; the features are the same as in-process ones (same chunks, same batches).
+
 Why not share ``data/features`` (train-transfer's cache): that folder is train-transfer's DVC
 output, so reading or writing it here would tie the two stages' outputs together; and it stores
 whole feature maps per split CSV, invalidated whenever a CSV changes, while the audit wants one
@@ -18,14 +24,17 @@ vector per image that outlives any split.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import AuditConfig, StageError
+from pipeline.fanout import dask_map, weights_stamp, worker_weights
 from pipeline.files import atomic_path
 from pipeline.resume import fingerprint, reuse_or_wipe
 
@@ -121,13 +130,64 @@ def _batches(files: Sequence[Path], cfg: AuditConfig) -> Iterator[np.ndarray]:
         raise StageError(f"an image in {files[0].parent.parent} cannot be decoded: {exc}") from None
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """One Dask task: the images of one part, by absolute path."""
+
+    cfg: AuditConfig
+    files: tuple[Path, ...]
+
+
+# A Dask worker's extractors, built once per process and config (_depends_on and the weights).
+_EXTRACTORS: dict[str, keras.Model] = {}
+
+
+def _chunk_features(chunk: _Chunk) -> np.ndarray:
+    """float32 ``[len(files), d]``: runs on a Dask worker (or anywhere)."""
+    key = json.dumps([_depends_on(chunk.cfg), weights_stamp(chunk.cfg.weights)], sort_keys=True)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = _extractor(chunk.cfg)
+    return _features(_EXTRACTORS[key], chunk.files, chunk.cfg)
+
+
+def _features(extractor: keras.Model, files: Sequence[Path], cfg: AuditConfig) -> np.ndarray:
+    outputs = [extractor.predict_on_batch(b) for b in _batches(files, cfg)]
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def _extracted(
+    pending: list[tuple[str, Path]], cfg: AuditConfig
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(chunk start, features)`` for every ``CHUNK`` of ``pending``: in order in this process,
+    as they finish with ``audit.dask_address``."""
+    starts = range(0, len(pending), CHUNK)
+    if cfg.dask_address:
+        remote = cfg.model_copy(update={"weights": worker_weights(cfg.weights)})
+        chunks = [
+            _Chunk(remote, tuple(f.absolute() for _, f in pending[s : s + CHUNK])) for s in starts
+        ]
+        for n, features in dask_map(
+            _chunk_features,
+            chunks,
+            address=cfg.dask_address,
+            key="audit.dask_address",
+            desc="audit features",
+            unit="chunk",
+        ):
+            yield starts[n], features
+        return
+    extractor = _extractor(cfg)
+    for start in starts:
+        yield start, _features(extractor, [f for _, f in pending[start : start + CHUNK]], cfg)
+
+
 def image_features(
     files: Sequence[Path], shas: Sequence[str], cfg: AuditConfig, cache: Path
 ) -> tuple[np.ndarray, int]:
     """Feature vectors for ``files`` (rows in order), from the cache where it has their sha256.
 
-    Returns ``(features [n, d] float32, how many were extracted now)``. Raises StageError naming
-    the backbone key or an undecodable image.
+    Returns ``(features [n, d] float32, how many were extracted now)``. Raises StageError
+    naming the backbone key, an undecodable image or an unreachable ``audit.dask_address``.
     """
     depends = _depends_on(cfg)
     reuse_or_wipe(
@@ -139,14 +199,11 @@ def image_features(
     vectors = _read_parts(cache)
     todo = {sha: file for sha, file in zip(shas, files, strict=True) if sha not in vectors}
     if todo:
-        extractor = _extractor(cfg)
         pending = list(todo.items())
         print(f"audit: extracting features for {len(pending)} new images")
-        for start in range(0, len(pending), CHUNK):
-            chunk = pending[start : start + CHUNK]
-            outputs = [extractor.predict_on_batch(b) for b in _batches([f for _, f in chunk], cfg)]
-            features = np.concatenate(outputs).astype(np.float32)
-            _write_part(cache, [sha for sha, _ in chunk], features)
-            vectors.update(zip((sha for sha, _ in chunk), features, strict=True))
+        for start, features in _extracted(pending, cfg):
+            chunk_shas = [sha for sha, _ in pending[start : start + CHUNK]]
+            _write_part(cache, chunk_shas, features)
+            vectors.update(zip(chunk_shas, features, strict=True))
     _compact(cache, vectors)
     return np.stack([vectors[sha] for sha in shas]).astype(np.float32), len(todo)

@@ -73,6 +73,9 @@ class AuditSettings(_Section):
     review: Path = Path("data/audit/review.csv")
     suspects_per_class: Annotated[int, Field(ge=0, le=32)] = 8
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    # a Dask scheduler (tcp://host:8786) whose workers extract the features, CHUNK images a task;
+    # they read images by path (a shared file system). None: in this process
+    dask_address: str | None = None
 
 
 class AuditConfig(AuditSettings):

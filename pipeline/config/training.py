@@ -136,6 +136,10 @@ class TransferConfig(_Section):
     fine_tune_lr: PositiveFloat = 1e-5
     dense_units: Annotated[int, Field(ge=1, le=4096)] = 256
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    # feature_mode fast: a Dask scheduler (tcp://host:8786) whose workers extract the cached
+    # features, whole batches a task; they read images by path (a shared file system). None:
+    # in this process
+    dask_address: str | None = None
 
     @field_validator("weights")
     @classmethod
