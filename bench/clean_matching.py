@@ -1,0 +1,102 @@
+"""Pass 2's descriptor matching: faiss's binary index against OpenCV's ``batchDistance``.
+
+Pass 2's ratio test needs, for each ORB descriptor of one image, the Hamming distances to its
+two nearest descriptors of the other (``verify._two_nearest``). This times both libraries on
+the same pairs of real ORB descriptors, described exactly as the stage does
+(``verify.describe_images``) from the throughput bench's photos (``clean_throughput.photo_set``),
+at the two sizes the stage uses: the strongest ``PREFILTER_KEYPOINTS`` of each image (the
+quick look every pair gets) and all of them (``clean.orb_features``, default 500). One thread
+for both, as in a clean worker. Both must give the same distances; the ratio is printed.
+
+    python bench/clean_matching.py               # 60 photos, 400 pairs
+    python bench/clean_matching.py --photos 200 --pairs 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import faiss
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from pipeline.clean.verify import PREFILTER_KEYPOINTS, DescribeTask, describe_images  # noqa: E402
+from pipeline.config import CleanConfig  # noqa: E402
+
+
+def opencv_two_nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return cv2.batchDistance(a, b, cv2.CV_32S, normType=cv2.NORM_HAMMING, K=2)
+
+
+def faiss_two_nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from pipeline.clean.verify import _two_nearest
+
+    return _two_nearest(a, b)
+
+
+def timed(function, pairs: list[tuple[np.ndarray, np.ndarray]], repeats: int) -> float:
+    """CPU seconds per pair, best of ``repeats`` passes over ``pairs``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for a, b in pairs:
+            function(a, b)
+        best = min(best, time.process_time() - start)
+    return best / len(pairs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=int, default=60)
+    parser.add_argument("--pairs", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from clean_throughput import photo_set
+
+    cv2.setNumThreads(1)
+    faiss.omp_set_num_threads(1)
+    with tempfile.TemporaryDirectory() as work:
+        raw = photo_set(Path(work), args.photos)
+        files = sorted((raw / "photos").glob("*.jpg"))
+        task = DescribeTask(
+            images=tuple((n, str(f), False) for n, f in enumerate(files)),
+            orb_features=CleanConfig().orb_features,
+        )
+        described = describe_images(task)
+    # The stage matches only images with 2 keypoints or more (_ratio_matches).
+    descriptors = [
+        d.plain[1] for d in described.values() if d.plain[1] is not None and len(d.plain[1]) > 1
+    ]
+    rng = np.random.default_rng(0)
+    chosen = [rng.choice(len(descriptors), 2, replace=False) for _ in range(args.pairs)]
+    sizes = {"strongest": PREFILTER_KEYPOINTS, "all": None}
+    median = int(np.median([len(d) for d in descriptors]))
+    print(
+        f"{len(descriptors)} photos described (median {median} keypoints), {args.pairs} "
+        f"random pairs, one thread, CPU time per pair (best of {args.repeats})"
+    )
+    for name, size in sizes.items():
+        pairs = [(descriptors[i][:size], descriptors[j][:size]) for i, j in chosen]
+        for a, b in pairs:
+            ours, theirs = faiss_two_nearest(a, b)[0], opencv_two_nearest(a, b)[0]
+            if not np.array_equal(ours, theirs):
+                raise SystemExit("faiss and OpenCV disagree on a pair's distances")
+        opencv = timed(opencv_two_nearest, pairs, args.repeats)
+        ours = timed(faiss_two_nearest, pairs, args.repeats)
+        print(
+            f"{name:>9} descriptors: OpenCV batchDistance {opencv * 1e3:.3f} ms, faiss "
+            f"IndexBinaryFlat {ours * 1e3:.3f} ms: faiss {opencv / ours:.1f}x faster "
+            "(same distances)"
+        )
+
+
+if __name__ == "__main__":
+    main()
