@@ -138,16 +138,21 @@ class _Chunk:
     files: tuple[Path, ...]
 
 
-# A Dask worker's extractors, built once per process and config (_depends_on and the weights).
+# Extractors built in this process (a Dask worker's, or the caller's), per _depends_on and
+# weights file: a long-lived worker builds one once, not once per chunk.
 _EXTRACTORS: dict[str, keras.Model] = {}
 
 
-def _chunk_features(chunk: _Chunk) -> np.ndarray:
-    """float32 ``[len(files), d]``: runs on a Dask worker (or anywhere)."""
-    key = json.dumps([_depends_on(chunk.cfg), weights_stamp(chunk.cfg.weights)], sort_keys=True)
+def _cached_extractor(cfg: AuditConfig) -> keras.Model:
+    key = json.dumps([_depends_on(cfg), weights_stamp(cfg.weights)], sort_keys=True)
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = _extractor(chunk.cfg)
-    return _features(_EXTRACTORS[key], chunk.files, chunk.cfg)
+        _EXTRACTORS[key] = _extractor(cfg)
+    return _EXTRACTORS[key]
+
+
+def _chunk_features(chunk: _Chunk) -> np.ndarray:
+    """float32 ``[len(files), d]``: runs on a Dask worker."""
+    return _features(_cached_extractor(chunk.cfg), chunk.files, chunk.cfg)
 
 
 def _features(extractor: keras.Model, files: Sequence[Path], cfg: AuditConfig) -> np.ndarray:
@@ -176,7 +181,7 @@ def _extracted(
         ):
             yield starts[n], features
         return
-    extractor = _extractor(cfg)
+    extractor = _cached_extractor(cfg)
     for start in starts:
         yield start, _features(extractor, [f for _, f in pending[start : start + CHUNK]], cfg)
 
