@@ -71,6 +71,17 @@ def test_audit_features_on_a_dask_cluster_equal_the_in_process_ones(
         np.testing.assert_allclose(dask[chunk], features, rtol=1e-6, atol=1e-6)
 
 
+def test_an_undecodable_image_on_a_worker_fails_the_stage_as_in_process(
+    cluster: str, tmp_path: Path
+) -> None:
+    files, shas = _images(tmp_path / "images", 3)
+    files[1].write_bytes(b"not a png")
+    cfg = AUDIT.model_copy(update={"dask_address": cluster})
+
+    with pytest.raises(StageError, match="cannot be decoded"):
+        audit_features.image_features(files, shas, cfg, tmp_path / "cache")
+
+
 def test_transfer_features_on_a_dask_cluster_equal_the_in_process_ones(
     cluster: str, tmp_path: Path
 ) -> None:
