@@ -38,11 +38,17 @@ def dask_map(
 ) -> Iterator[tuple[int, Result]]:
     """``(index into tasks, function(task))`` for every task, in completion order.
 
-    Raises StageError naming ``key`` and ``address`` when the scheduler cannot be reached within
-    ``CONNECT_TIMEOUT_S`` or no task finishes for ``RESULT_TIMEOUT_S``; a task's own exception
-    (a StageError naming a bad image, say) is re-raised here as it was raised on the worker.
+    Raises StageError naming ``key`` when dask.distributed is not installed, and naming ``key``
+    and ``address`` when the scheduler cannot be reached within ``CONNECT_TIMEOUT_S`` or no task
+    finishes for ``RESULT_TIMEOUT_S``; a task's own exception (a StageError naming a bad image,
+    say) is re-raised here as it was raised on the worker.
     """
-    from distributed import Client, wait
+    try:
+        from distributed import Client, wait
+    except ImportError:
+        raise StageError(
+            f"{key}: running on Dask needs dask.distributed (pip install '.[dask]')"
+        ) from None
     from tqdm import tqdm
 
     try:
