@@ -35,6 +35,7 @@ Result = TypeVar("Result")
 # plus its RGB conversion (3), and a margin; JPEGs decode at reduced scale and need far less.
 BYTES_PER_PIXEL = 8
 WORKER_BASE_BYTES = 250 * 2**20  # interpreter, NumPy, OpenCV, Pillow
+DASK_KEY = "clean.dask_address"  # named in the errors of an unreachable or stalled cluster
 
 
 def _available_memory() -> int | None:
@@ -115,15 +116,17 @@ class WorkerPool:
     def _dask_map(
         self, function: Callable[[Task], Result], tasks: Sequence[Task], bar: tqdm
     ) -> Iterator[Result]:
-        from distributed import Client, as_completed
+        from pipeline.fanout import completed, connect
 
+        assert self.dask_address is not None
         if self._client is None:
-            self._client = Client(self.dask_address)
+            self._client = connect(self.dask_address, DASK_KEY)
             self._client.run(_worker_init)
         futures = self._client.map(function, list(tasks), pure=False)
-        for future in as_completed(futures):
-            yield future.result()
-            bar.update()
+        for _, result in completed(
+            self._client, futures, address=self.dask_address, key=DASK_KEY, bar=bar
+        ):
+            yield result
 
     def close(self) -> None:
         if self._pool is not None:

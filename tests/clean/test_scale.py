@@ -4,6 +4,8 @@ bounded decoding, kill-safe batched logs, and a Dask run identical to a local on
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from pipeline.clean import clean
 from pipeline.clean.analysis import ANALYSIS
 from pipeline.clean.decode import DecodeSettings, DecodeTask, analyse_image
 from pipeline.clean.workers import worker_count
-from pipeline.config import CleanConfig
+from pipeline.config import CleanConfig, StageError
 from pipeline.files import read_jsonl
 
 
@@ -113,3 +115,28 @@ def test_dask_cluster_gives_the_same_outputs_as_one_process(tmp_path: Path) -> N
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "dask" / name).read_text()
     report = json.loads((tmp_path / "r2.json").read_text())
     assert report["passes"] == json.loads((tmp_path / "r1.json").read_text())["passes"]
+
+
+def test_an_unreachable_dask_scheduler_fails_the_stage_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("distributed")
+    from pipeline import fanout
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(fanout, "CONNECT_TIMEOUT_S", 2.0)
+    raw = make_raw(tmp_path, [("cat", f"{n}.png", encode(photo(n))) for n in range(3)])
+
+    started = time.monotonic()
+    with pytest.raises(StageError, match=rf"clean\.dask_address: .*127\.0\.0\.1:{port}"):
+        clean(
+            config(dask_address=f"tcp://127.0.0.1:{port}"),
+            raw,
+            tmp_path / "out",
+            tmp_path / "r.json",
+        )
+
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
