@@ -141,9 +141,12 @@ TransferSection = Literal["transfer", "compare"]
 
 def _settings(cfg: TrainConfig, trainer: str) -> dict[str, Any]:
     """What decides a trainer's result: ``cfg`` less run-only knobs (verbose and cache change how
-    a run looks or uses memory), the preview knobs and the other trainers' sections."""
+    a run looks or uses memory, dask_address where features are extracted), the preview knobs
+    and the other trainers' sections."""
     exclude: dict[str, Any] = {"verbose": True, "cache": True}
     exclude.update({other: True for other in TRAINERS if other != trainer})
+    if trainer != "baseline":
+        exclude[trainer] = {"dask_address": True}
     exclude["augment"] = {"preview": True}
     return cfg.model_dump(mode="json", exclude=exclude)
 

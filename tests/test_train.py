@@ -335,3 +335,17 @@ def test_compare_section_trains_its_own_backbone_at_its_own_size(tmp_path: Path)
     model = keras.models.load_model(tmp_path / "models" / "compare_finetuned.keras")
     assert model.predict(np.zeros((2, 48, 48, 3), np.float32), verbose=0).shape == (2, 3)
     assert np.load(tmp_path / "features" / "train_features.npy").shape[-1] == 1280
+
+
+def test_a_killed_transfer_run_resumes_on_another_dask_cluster() -> None:
+    # Where features are extracted does not change what a run computes: a rerun with
+    # another train.transfer.dask_address resumes the killed run instead of restarting it.
+    from pipeline.train import _settings
+
+    cfg = tiny_config()
+    moved = cfg.model_copy(
+        update={"transfer": cfg.transfer.model_copy(update={"dask_address": "tcp://h:8786"})}
+    )
+    changed = cfg.model_copy(update={"transfer": cfg.transfer.model_copy(update={"dropout": 0.1})})
+    assert _settings(moved, "transfer") == _settings(cfg, "transfer")
+    assert _settings(changed, "transfer") != _settings(cfg, "transfer")
