@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 from test_clean import config, encode, run
 
+from pipeline.clean import aligned
 from pipeline.clean.embed import view_vectors
 from pipeline.clean.neighbours import pair_similarities
 from pipeline.files import read_jsonl
@@ -80,3 +81,31 @@ def test_a_mirrored_copy_is_closer_mirrored_than_as_it_is() -> None:
     plain, mirrored = pair_similarities(views, mirrors, np.array([[0, 1]]))
 
     assert mirrored[0] > 0.99 > plain[0]
+
+
+def _similarity(rng: np.random.Generator, shift: float) -> np.ndarray:
+    angle, scale = rng.normal(0, 0.1), rng.uniform(0.8, 1.25)
+    cos, sin = scale * np.cos(angle), scale * np.sin(angle)
+    dx, dy = rng.uniform(-shift, shift, 2)
+    transform = np.array([[cos, -sin, dx], [sin, cos, dy], [0, 0, 1]])
+    transform[2, :2] = rng.normal(0, 5e-4, 2)  # a little perspective
+    return transform
+
+
+def test_the_geometric_overlap_shortcut_changes_no_correlation(monkeypatch) -> None:
+    """Pairs rejected from their boxes' corners alone are ones the pixel test rejects too."""
+    rng = np.random.default_rng(0)
+    grey = np.asarray(low_texture(5, size=160).convert("L"))
+    letterboxed = grey.copy()
+    letterboxed[:20] = 0  # a bar: the content box is not the whole image
+    pictures = [aligned.Picture.of(grey), aligned.Picture.of(letterboxed)]
+    cases = [
+        (pictures[n % 2], pictures[(n // 2) % 2], _similarity(rng, shift=60)) for n in range(200)
+    ]
+    fast = [aligned.picture_correlation(a, b, t, 0.7) for a, b, t in cases]
+    monkeypatch.setattr(aligned, "_overlap_bound", lambda a, b, t: 1.0)
+    exact = [aligned.picture_correlation(a, b, t, 0.7) for a, b, t in cases]
+
+    assert fast == exact
+    rejected = sum(1 for whole, tiles in exact if whole == tiles == 0.0)
+    assert 20 < rejected < 180  # both verdicts, near the threshold, were exercised
