@@ -84,14 +84,20 @@ def aligned_correlation(
     transform: np.ndarray,
     min_overlap: float,
     masks: tuple[np.ndarray, np.ndarray] | None = None,
+    enough: float = np.inf,
 ) -> tuple[float, float]:
     """(whole-overlap, median tile) correlation of fine detail where a, warped by
     ``transform`` (3×3), overlaps b; 0s when the pictures share less than ``min_overlap`` of
     either one's content. Content is inside ``content_mask`` unless ``masks`` (uint8, 1 =
     picture) are given: then detail is measured within them only and finer than
-    ``DENSE_FINE_SIGMA`` is ignored (the dense fallback's images)."""
+    ``DENSE_FINE_SIGMA`` is ignored (the dense fallback's images).
+
+    When the whole-overlap correlation reaches ``enough`` the tile median is not computed and
+    0 is returned for it, for callers whose verdict it then cannot change: it is half the
+    cost of a correlation, and on bench/clean_throughput.py's photos 1,535 of the 1,749 ORB
+    pairs correlated pass on the whole overlap."""
     if masks is None:
-        return picture_correlation(Picture.of(a), Picture.of(b), transform, min_overlap)
+        return picture_correlation(Picture.of(a), Picture.of(b), transform, min_overlap, enough)
     mask_a, mask_b = masks
     covered_b = _covered(a, b, mask_a, mask_b, transform, min_overlap)
     if covered_b is None:
@@ -99,11 +105,11 @@ def aligned_correlation(
     # Pixels next to the warped edge of a's picture mix in what lies outside it.
     covered_b = cv2.erode(covered_b, np.ones((3, 3), np.uint8))
     detail_a, detail_b = masked_detail(a, mask_a), masked_detail(b, mask_b)
-    return _detail_correlation(detail_a, detail_b, transform, covered_b & mask_b)
+    return _detail_correlation(detail_a, detail_b, transform, covered_b & mask_b, enough)
 
 
 def picture_correlation(
-    a: Picture, b: Picture, transform: np.ndarray, min_overlap: float
+    a: Picture, b: Picture, transform: np.ndarray, min_overlap: float, enough: float = np.inf
 ) -> tuple[float, float]:
     """``aligned_correlation`` of two ``Picture``s (content inside their content boxes).
 
@@ -117,7 +123,7 @@ def picture_correlation(
     covered_b = _covered(a.grey, b.grey, mask_a, mask_b, transform, min_overlap)
     if covered_b is None:
         return 0.0, 0.0
-    return _detail_correlation(a.detail(), b.detail(), transform, covered_b & mask_b)
+    return _detail_correlation(a.detail(), b.detail(), transform, covered_b & mask_b, enough)
 
 
 def _covered(
@@ -147,14 +153,20 @@ def _covered(
 
 
 def _detail_correlation(
-    detail_a: np.ndarray, detail_b: np.ndarray, transform: np.ndarray, covered: np.ndarray
+    detail_a: np.ndarray,
+    detail_b: np.ndarray,
+    transform: np.ndarray,
+    covered: np.ndarray,
+    enough: float,
 ) -> tuple[float, float]:
     """(whole, median tile) correlation of ``detail_a`` warped onto ``detail_b`` within
-    ``covered`` (uint8)."""
+    ``covered`` (uint8); the tiles' 0 when the whole reaches ``enough``."""
     height, width = detail_b.shape
     warped = cv2.warpPerspective(detail_a, transform, (width, height))
     inside = covered.astype(bool)
     whole = _correlation(warped[inside], detail_b[inside])
+    if whole >= enough:
+        return whole, 0.0
     return whole, _median_tile_correlation(warped, detail_b, inside)
 
 
@@ -329,7 +341,12 @@ def dense_transform(
         affine[:, 2] /= coarse
         start_h = np.vstack([affine, [0, 0, 1]]).astype(np.float32)
         whole, tiles = aligned_correlation(
-            a, b, start_h, min_overlap - DENSE_COARSE_OVERLAP_SLACK, masks=(mask_a, mask_b)
+            a,
+            b,
+            start_h,
+            min_overlap - DENSE_COARSE_OVERLAP_SLACK,
+            masks=(mask_a, mask_b),
+            enough=DENSE_MIN_COARSE_CORRELATION,
         )
         if max(whole, tiles) < DENSE_MIN_COARSE_CORRELATION:
             return None

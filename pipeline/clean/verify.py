@@ -480,7 +480,9 @@ def _aligned(
     tile_bar = (1 + settings.min_correlation) / 2
 
     def verdict(transform: np.ndarray, inliers: int) -> tuple[int, float] | None:
-        whole, tiles = picture_correlation(a, b, transform, settings.min_overlap)
+        whole, tiles = picture_correlation(
+            a, b, transform, settings.min_overlap, enough=settings.min_correlation
+        )
         if whole >= settings.min_correlation:
             return inliers, whole
         if tiles >= tile_bar:

@@ -109,3 +109,18 @@ def test_the_geometric_overlap_shortcut_changes_no_correlation(monkeypatch) -> N
     assert fast == exact
     rejected = sum(1 for whole, tiles in exact if whole == tiles == 0.0)
     assert 20 < rejected < 180  # both verdicts, near the threshold, were exercised
+
+
+def test_the_tile_median_is_skipped_only_when_the_whole_overlap_decides() -> None:
+    rng = np.random.default_rng(1)
+    grey = np.asarray(low_texture(6, size=160).convert("L"))
+    skipped = 0
+    for _ in range(20):
+        transform = _similarity(rng, shift=10)
+        copy = cv2.warpPerspective(grey, transform, grey.shape[::-1])
+        whole, tiles = aligned.aligned_correlation(grey, copy, transform, 0.5)
+        enough = float(rng.uniform(whole - 0.1, whole + 0.1))
+        quick = aligned.aligned_correlation(grey, copy, transform, 0.5, enough=enough)
+        assert quick == ((whole, 0.0) if whole >= enough else (whole, tiles))
+        skipped += whole >= enough
+    assert 0 < skipped < 20
