@@ -276,11 +276,12 @@ _details = _Kept(lambda: DETAIL_CACHE_BYTES)
 
 
 def _picture(path: str, mirrored: bool) -> Picture:
-    """The normalised image at ``path`` as ORB sees it (``_orb_grey``; mirrored if asked) with
-    its content box, kept in this worker, and its detail, kept once asked for. Recomputing box
-    and detail for every pair was 0.4 of the aligned correlation's time (throughput photos);
-    a mirror is made afresh (a copy is cheap), so it takes no room from the greys."""
-    grey = _greys.get((path, "grey", False), lambda: _orb_grey(Path(path)))
+    """The normalised image at ``path`` in grey as ORB sees it (tiny images upscaled to
+    ORB_SIDE; mirrored if asked) with its content box, kept in this worker, and its detail,
+    kept once asked for. Recomputing box and detail for every pair was 0.4 of the aligned
+    correlation's time (throughput photos); a mirror is made afresh (a copy is cheap), so it
+    takes no room from the greys."""
+    grey = _greys.get((path, "grey", False), lambda: _for_orb(_read_grey(Path(path))))
     if mirrored:
         grey = _mirror(grey)
     box = _greys.get((path, "box", mirrored), lambda: np.array(content_box(grey)))
@@ -290,11 +291,6 @@ def _picture(path: str, mirrored: bool) -> Picture:
         (left, top, right, bottom),
         lambda: _details.get((path, "detail", mirrored), lambda: high_pass(grey)),
     )
-
-
-def _orb_grey(path: Path) -> np.ndarray:
-    """The normalised image in grey as ORB sees it: tiny images upscaled to ORB_SIDE."""
-    return _for_orb(_read_grey(path))
 
 
 def _read_grey(path: Path) -> np.ndarray:
