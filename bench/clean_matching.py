@@ -3,7 +3,7 @@
 Pass 2's ratio test needs, for each ORB descriptor of one image, the Hamming distances to its
 two nearest descriptors of the other (``verify._two_nearest``). This times both libraries on
 the same pairs of real ORB descriptors, described exactly as the stage does
-(``verify.describe_images``) from the throughput bench's photos (``clean_throughput.photo_set``),
+(``describe.describe_images``) from the throughput bench's photos (``clean_throughput.photo_set``),
 at the two sizes the stage uses: the strongest ``PREFILTER_KEYPOINTS`` of each image (the
 quick look every pair gets) and all of them (``clean.orb_features``, default 500). One thread
 for both, as in a clean worker. Both must give the same distances; the ratio is printed.
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline.clean.verify import PREFILTER_KEYPOINTS, DescribeTask, describe_images  # noqa: E402
+from pipeline.clean.describe import DescribeTask, describe_images  # noqa: E402
+from pipeline.clean.verify import PREFILTER_KEYPOINTS  # noqa: E402
 from pipeline.config import CleanConfig  # noqa: E402
 
 

@@ -88,13 +88,13 @@ def analyse_all(
     batches = [tuple(pending[start : start + size]) for start in range(0, len(pending), size)]
     for batch in pool.map(analyse_batch, batches, "clean: decode", unit="batch"):
         # Appended as each batch finishes (its copies are on disk) so a killed run resumes here.
-        _append(log, [result.to_json(fp) for result in batch])
+        append_log(log, [result.to_json(fp) for result in batch])
         for result in batch:
             results[result.key] = result
     return results, reused
 
 
-def _append(log: Path, entries: list[dict]) -> None:
+def append_log(log: Path, entries: list[dict]) -> None:
     """Append JSON lines with one fsync; a kill mid-write leaves a torn last line, ignored."""
     with open(log, "a+", encoding="utf-8") as fh:
         if fh.tell() > 0:

@@ -14,7 +14,7 @@ method ecc: aligned correlation, mirrored).
    of ``ROUND`` pairs, and a pair whose images an earlier round (or pass 1) already put in one
    group is not verified at all: it could not change any group. The rounds do not depend on
    the number of workers, so the output does not either.
-3. ``describe_images`` (workers): ORB keypoints of every image a pair needs (and of its
+3. ``describe.describe_images`` (workers): ORB keypoints of every image a pair needs (and of its
    mirror, when a pair needs that), computed once from one read of the file, plus the small
    grey picture the dense fallback aligns.
 4. ``verify_pairs`` (workers): ratio-test matches (after a quick look at the strongest
@@ -26,7 +26,7 @@ method ecc: aligned correlation, mirrored).
    to 1 in the median of 4 × 4 tiles (so a watermark over a strip does not hide a copy).
    When ORB cannot judge — either picture has under ``DENSE_MAX_KEYPOINTS`` keypoints (sky,
    cells, a smooth clock face) — the embeddings are at least ``DENSE_MIN_SIMILARITY`` alike
-   and both images suit it (``dense_suitable``), ``aligned.dense_transform`` aligns the two
+   and both images suit it (``describe.dense_suitable``), ``aligned.dense_transform`` aligns the two
    by ECC instead; the same overlap test and a stricter correlation bar (halfway from
    ``orb_min_correlation`` to 1) decide, on detail with the fill of rotated corners and
    letterbox bars left out (aligned.py).
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -45,25 +45,30 @@ import numpy as np
 from scipy.cluster.hierarchy import DisjointSet
 
 from pipeline.clean.aligned import (
-    DENSE_SIDE,
     Picture,
     aligned_correlation,
-    dense_picture,
     dense_transform,
     high_pass,
     picture_correlation,
-    picture_mask,
     spread,
+)
+from pipeline.clean.analysis import analysis_fingerprint
+from pipeline.clean.decode import DecodeSettings
+from pipeline.clean.describe import (
+    Described,
+    Features,
+    describe_all,
+    for_orb,
+    mirror,
+    read_grey,
 )
 from pipeline.clean.embed import content_box, decode_views
 from pipeline.clean.neighbours import pair_similarities, view_neighbours
 from pipeline.clean.records import ImageRecord, Match
+from pipeline.clean.verdicts import Key, VerdictLog, verdict_fingerprint
 from pipeline.clean.workers import WorkerPool
 from pipeline.config import CleanConfig
 
-# ORB needs ~31 px patches around each keypoint; tiny images are upscaled to this side first.
-ORB_SIDE = 256
-DESCRIBE_BATCH = 32  # images per describe task
 VERIFY_BATCH = 128  # pairs per verify task
 ROUND = 2048  # pairs verified between two transitivity checks (connected groups)
 # Below this many ORB keypoints in either picture ORB has too little to go on (bench: 0–100
@@ -72,7 +77,6 @@ DENSE_MAX_KEYPOINTS = 150
 # The dense fallback runs only on pairs whose thumbnails are this alike (cosine): it is the
 # costlier check; on bench/clean_recall.py 0.95 of the copies it confirmed are above 0.85.
 DENSE_MIN_SIMILARITY = 0.8
-DENSE_MIN_PICTURE = 0.6  # see dense_suitable
 # A quick look first: the strongest PREFILTER_KEYPOINTS of each image must give this many
 # ratio-test matches before all of them are matched (a sixth of the cost). On
 # bench/clean_recall.py it keeps 0.998 of the pairs ORB confirms (1.0 on the throughput bench's
@@ -84,7 +88,6 @@ PREFILTER_MATCHES = 3
 GREY_CACHE_BYTES = 128 * 2**20
 DETAIL_CACHE_BYTES = 16 * 2**20
 
-Features = tuple[np.ndarray, np.ndarray | None]  # keypoint coordinates (n, 2), descriptors
 Edge = tuple[int, int]
 # i, j, compare j mirrored first, similarity that way, similarity the other way
 Candidate = tuple[int, int, bool, float, float]
@@ -109,22 +112,6 @@ class VerifySettings:
             min_correlation=cfg.orb_min_correlation,
             min_overlap=cfg.orb_min_overlap,
         )
-
-
-@dataclass(frozen=True)
-class Described:
-    """One image as the verify workers need it; ``mirrored`` only when a pair uses it."""
-
-    plain: Features
-    mirrored: Features | None
-    dense: tuple[np.ndarray, np.ndarray]  # aligned.dense_picture: small grey, picture mask
-    dense_ok: bool  # whether the dense fallback may judge it (see ``dense_suitable``)
-
-
-@dataclass(frozen=True)
-class DescribeTask:
-    images: tuple[tuple[int, str, bool], ...]  # (index, normalised file, mirror needed)
-    orb_features: int
 
 
 @dataclass(frozen=True)
@@ -161,69 +148,64 @@ def orb_pairs(
         for n in order
     ]
     settings = VerifySettings.from_config(cfg)
-    described = _describe(settings, candidates, records, out, pool)
-    files = {i: str(out / records[i].image.clean_path) for i in described}
+    verdicts = VerdictLog(
+        out,
+        verdict_fingerprint(
+            analysis_fingerprint(DecodeSettings.from_config(cfg)), asdict(settings)
+        ),
+    )
+    shas = [record.image.sha256 for record in records]
+
+    def key(pair: Candidate) -> Key:
+        return shas[pair[0]], shas[pair[1]], pair[2]
+
+    described: dict[int, Described] = {}
+    files = {i: str(out / record.image.clean_path) for i, record in enumerate(records)}
     transitive = cfg.duplicate_groups == "connected"
     joined = DisjointSet(range(len(records)))
     for i, j in matched:
         joined.merge(i, j)
     confirmed: list[tuple[int, int, Match]] = []
-    verified = 0
+    verified = reused = 0
     for start in range(0, len(candidates), ROUND):
         chunk = candidates[start : start + ROUND]
         if transitive:
             chunk = [pair for pair in chunk if not joined.connected(pair[0], pair[1])]
-        verified += len(chunk)
-        chunk.sort()  # pairs of one image in one task: its grey is read once
+        found, todo = [], []
+        for pair in chunk:
+            known, match = verdicts.get(key(pair))
+            if not known:
+                todo.append(pair)
+            elif match is not None:
+                found.append((pair[0], pair[1], match))
+        verified, reused = verified + len(todo), reused + len(chunk) - len(todo)
+        todo.sort()  # pairs of one image in one task: its grey is read once
+        # Described as a round first needs them: a rerun describes only new pairs' images.
+        described.update(describe_all(settings.orb_features, todo, records, out, pool, described))
         tasks = [
-            _verify_task(settings, chunk[at : at + VERIFY_BATCH], described, files)
-            for at in range(0, len(chunk), VERIFY_BATCH)
+            _verify_task(settings, todo[at : at + VERIFY_BATCH], described, files)
+            for at in range(0, len(todo), VERIFY_BATCH)
         ]
-        found = [
+        new = [
             f for batch in pool.map(verify_pairs, tasks, "clean: verify", "batch") for f in batch
         ]
-        for a, b, match in sorted(found, key=lambda item: item[:2]):
+        matches = {(a, b): match for a, b, match in new}
+        verdicts.add((key(pair), matches.get((pair[0], pair[1]))) for pair in todo)
+        for a, b, match in sorted(found + new, key=lambda item: item[:2]):
             joined.merge(a, b)
             confirmed.append((a, b, match))
+    verdicts.compact()
     _greys.clear()  # what an inline run (one worker) kept in this process
     _details.clear()
     confirmed.sort(key=lambda pair: pair[:2])
     counts = {
         "orb_candidates": len(candidates),
         "orb_verified": verified,
+        "verdicts_reused": reused,
         "orb_confirmed": sum(1 for *_, m in confirmed if m.method == "orb"),
         "ecc_confirmed": sum(1 for *_, m in confirmed if m.method == "ecc"),
     }
     return confirmed, counts
-
-
-def _describe(
-    settings: VerifySettings,
-    candidates: list[Candidate],
-    records: Sequence[ImageRecord],
-    out: Path,
-    pool: WorkerPool,
-) -> dict[int, Described]:
-    """``Described`` of every image a candidate pair needs, computed on the workers."""
-    needed: dict[int, bool] = {}
-    for i, j, flip, *_ in candidates:
-        needed.setdefault(i, False)
-        needed[j] = needed.get(j, False) or flip
-    indices = sorted(needed)
-    tasks = [
-        DescribeTask(
-            images=tuple(
-                (i, str(out / records[i].image.clean_path), needed[i])
-                for i in indices[start : start + DESCRIBE_BATCH]
-            ),
-            orb_features=settings.orb_features,
-        )
-        for start in range(0, len(indices), DESCRIBE_BATCH)
-    ]
-    described: dict[int, Described] = {}
-    for batch in pool.map(describe_images, tasks, "clean: describe", unit="batch"):
-        described.update(batch)
-    return described
 
 
 def _verify_task(
@@ -281,9 +263,9 @@ def _picture(path: str, mirrored: bool) -> Picture:
     kept once asked for. Recomputing box and detail for every pair was 0.4 of the aligned
     correlation's time (throughput photos); a mirror is made afresh (a copy is cheap), so it
     takes no room from the greys."""
-    grey = _greys.get((path, "grey", False), lambda: _for_orb(_read_grey(Path(path))))
+    grey = _greys.get((path, "grey", False), lambda: for_orb(read_grey(Path(path))))
     if mirrored:
-        grey = _mirror(grey)
+        grey = mirror(grey)
     box = _greys.get((path, "box", mirrored), lambda: np.array(content_box(grey)))
     left, top, right, bottom = (int(v) for v in box)
     return Picture(
@@ -291,60 +273,6 @@ def _picture(path: str, mirrored: bool) -> Picture:
         (left, top, right, bottom),
         lambda: _details.get((path, "detail", mirrored), lambda: high_pass(grey)),
     )
-
-
-def _read_grey(path: Path) -> np.ndarray:
-    grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    return np.zeros((1, 1), np.uint8) if grey is None else grey
-
-
-def _for_orb(grey: np.ndarray) -> np.ndarray:
-    scale = ORB_SIDE / max(grey.shape)
-    if scale > 1:
-        grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
-    return grey
-
-
-def _mirror(grey: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(grey[:, ::-1])
-
-
-def describe_images(task: DescribeTask) -> dict[int, Described]:
-    """ORB keypoints of each image (and of its mirror when asked) and its dense grey.
-
-    Computed once per image and shipped to the matching workers as arrays, because pairs from
-    nearest neighbours scatter over all images and per-batch recomputation cost 16x more.
-    """
-    orb = cv2.ORB_create(nfeatures=task.orb_features)
-
-    def features(grey: np.ndarray) -> Features:
-        keypoints, descriptors = orb.detectAndCompute(grey, None)
-        # Strongest first, for _ratio_matches' quick look at the first PREFILTER_KEYPOINTS.
-        order = np.argsort([-k.response for k in keypoints], kind="stable")
-        points = np.float32([keypoints[n].pt for n in order]).reshape(-1, 2)
-        return points, None if descriptors is None else descriptors[order]
-
-    described = {}
-    for index, path, mirror in task.images:
-        stored = _read_grey(Path(path))
-        grey = _for_orb(stored)
-        dense = dense_picture(grey)
-        described[index] = Described(
-            plain=features(grey),
-            mirrored=features(_mirror(grey)) if mirror else None,
-            dense=dense,
-            dense_ok=dense_suitable(stored),
-        )
-    return described
-
-
-def dense_suitable(grey: np.ndarray) -> bool:
-    """Whether the dense fallback may judge this stored image: at least DENSE_SIDE
-    pixels on its long side, and a picture (not a flat background) on at least
-    DENSE_MIN_PICTURE of it. An upscaled thumbnail or an object on a plain background has no
-    fine detail of its own, only its outline: the dense check merged 45 different plain
-    Fashion-MNIST shirts of the demo (28 px) at correlations of 0.90-0.95."""
-    return max(grey.shape) >= DENSE_SIDE and float(picture_mask(grey).mean()) >= DENSE_MIN_PICTURE
 
 
 def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
@@ -392,7 +320,7 @@ def _verify_pair(task: VerifyTask, i: int, j: int, flip: bool, similarity: float
             return Match("orb", inliers=inliers, correlation=round(correlation, 4), mirrored=flip)
     few = min(len(first.plain[0]), len(features[0])) < DENSE_MAX_KEYPOINTS
     if few and first.dense_ok and second.dense_ok and similarity >= DENSE_MIN_SIMILARITY:
-        dense = (_mirror(second.dense[0]), _mirror(second.dense[1])) if flip else second.dense
+        dense = (mirror(second.dense[0]), mirror(second.dense[1])) if flip else second.dense
         correlation = _dense(first.dense, dense, settings)
         if correlation is not None:
             return Match("ecc", correlation=round(correlation, 4), mirrored=flip)

@@ -140,3 +140,39 @@ def test_an_unreachable_dask_scheduler_fails_the_stage_naming_the_key(
 
     assert time.monotonic() - started < 15
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_a_rerun_verifies_only_pairs_it_has_not_judged(tmp_path: Path) -> None:
+    image = photo(40)
+    files = [("cat", f"{n}.png", encode(photo(n))) for n in range(41, 47)]
+    files += [
+        ("cat", "crop.png", encode(image.crop((10, 10, 120, 120)))),
+        ("cat", "o.png", encode(image)),
+    ]
+    raw = make_raw(tmp_path, files)
+    out, report = tmp_path / "clean", tmp_path / "r.json"
+
+    clean(config(), raw, out, report)
+    first = json.loads(report.read_text())["passes"]
+    outputs = {n: (out / n).read_text() for n in ("manifest.jsonl", "groups.jsonl")}
+    clean(config(), raw, out, report)
+    again = json.loads(report.read_text())["passes"]
+
+    assert first["orb_verified"] > 0 and first["orb_confirmed"] >= 1  # the crop, by ORB
+    assert again["orb_verified"] == 0
+    assert again["verdicts_reused"] == first["orb_verified"]
+    assert again["orb_confirmed"] == first["orb_confirmed"]
+    assert {n: (out / n).read_text() for n in outputs} == outputs
+
+    # A new image: only pairs that involve it are verified.
+    (raw / "cat" / "new.png").write_bytes(encode(photo(47)))
+    rows = read_jsonl(raw / "manifest.jsonl")
+    rows.append({**rows[-1], "path": "cat/new.png"})
+    (raw / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    clean(config(), raw, out, report)
+    grown = json.loads(report.read_text())["passes"]
+    assert 0 < grown["orb_verified"] <= grown["orb_candidates"] - grown["verdicts_reused"]
+
+    # Other verification settings: every pair is judged again.
+    clean(config(orb_min_inliers=7), raw, out, report)
+    assert json.loads(report.read_text())["passes"]["verdicts_reused"] == 0
