@@ -71,8 +71,10 @@ class VerdictLog:
             append_log(self.path, entries)
 
     def compact(self) -> None:
-        """Rewrite the log with the verdicts this run used or made."""
-        write_jsonl(self.path, (_to_json(key, m, self.fp) for key, m in self._used.items()))
+        """Rewrite the log with the verdicts this run used or made, sorted: a rerun that judges
+        nothing new writes the same bytes, so DVC sees data/clean unchanged."""
+        used = sorted(self._used.items(), key=lambda item: item[0])
+        write_jsonl(self.path, (_to_json(key, match, self.fp) for key, match in used))
 
 
 def _to_json(key: Key, match: Match | None, fp: str) -> dict[str, Any]:

@@ -154,7 +154,9 @@ def test_a_rerun_verifies_only_pairs_it_has_not_judged(tmp_path: Path) -> None:
 
     clean(config(), raw, out, report)
     first = json.loads(report.read_text())["passes"]
-    outputs = {n: (out / n).read_text() for n in ("manifest.jsonl", "groups.jsonl")}
+    outputs = {
+        n: (out / n).read_text() for n in ("manifest.jsonl", "groups.jsonl", ".verdicts.jsonl")
+    }
     clean(config(), raw, out, report)
     again = json.loads(report.read_text())["passes"]
 
