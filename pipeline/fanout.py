@@ -13,6 +13,7 @@ finished tasks (``RESULT_TIMEOUT_S``); either raises StageError naming the key a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -115,6 +116,19 @@ def in_task_order(results: Iterator[tuple[int, Result]], count: int) -> list[Res
     if seen != count:
         raise ValueError(f"expected {count} results, got {seen}")
     return ordered  # type: ignore[return-value]
+
+
+_BUILT: dict[str, Any] = {}  # this process's, by built_once's key
+
+
+def built_once(key: object, build: Callable[[], Result]) -> Result:
+    """``build()``, called once per process for each ``key`` (JSON-able: what the result
+    depends on) and kept: a long-lived Dask worker builds a feature extractor once, not once
+    per task."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    if text not in _BUILT:
+        _BUILT[text] = build()
+    return _BUILT[text]
 
 
 def _is_file(weights: str) -> bool:

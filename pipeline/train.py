@@ -104,14 +104,6 @@ class _Data:
     class_names: list[str]
 
 
-def _configure(cfg: TrainConfig) -> None:
-    """Seed every RNG and set the dtype policy before any model is built."""
-    keras.utils.set_random_seed(cfg.seed)
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if cfg.fit.mixed_precision else "float32"
-    )
-
-
 def _train_csv(cfg: TrainConfig, split_dir: Path, augmented_dir: Path | None) -> Path:
     """The training CSV: the split's, or in ``augment.mode: offline`` the augment stage's
     (originals plus their written copies). Raises StageError if the offline set is missing."""
@@ -311,7 +303,7 @@ def train_baseline(
     Returns a TrainSummary. Raises StageError for a missing/invalid split CSV or image file.
     """
     started = time.monotonic()
-    _configure(cfg)
+    models.configure(cfg.seed, cfg.fit.mixed_precision)
     data = _read_data(cfg, split_dir, augmented_dir)
     backup = models_dir / BACKUP_DIR_NAME / "baseline"
     resuming = _resume_backup(backup, cfg, data, "baseline")
@@ -352,7 +344,7 @@ def train_transfer(
     settings = _settings(cfg, section)
     cfg = _as_transfer(cfg, section)
     tcfg = cfg.transfer
-    _configure(cfg)
+    models.configure(cfg.seed, cfg.fit.mixed_precision)
     data = _read_data(cfg, split_dir, augmented_dir)
     base = models.build_base(tcfg.backbone, cfg.fit.image_size, tcfg.weights)
     backup = models_dir / BACKUP_DIR_NAME / section

@@ -24,7 +24,6 @@ vector per image that outlives any split.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.config import AuditConfig, StageError
-from pipeline.fanout import dask_map, weights_stamp, worker_weights
+from pipeline.fanout import built_once, dask_map, weights_stamp, worker_weights
 from pipeline.files import atomic_path
 from pipeline.resume import fingerprint, reuse_or_wipe
 
@@ -138,16 +137,11 @@ class _Chunk:
     files: tuple[Path, ...]
 
 
-# Extractors built in this process (a Dask worker's, or the caller's), per _depends_on and
-# weights file: a long-lived worker builds one once, not once per chunk.
-_EXTRACTORS: dict[str, keras.Model] = {}
-
-
 def _cached_extractor(cfg: AuditConfig) -> keras.Model:
-    key = json.dumps([_depends_on(cfg), weights_stamp(cfg.weights)], sort_keys=True)
-    if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = _extractor(cfg)
-    return _EXTRACTORS[key]
+    """``_extractor``, built once in this process (a Dask worker's, or the caller's) per
+    _depends_on and weights file."""
+    key = ["audit", _depends_on(cfg), weights_stamp(cfg.weights)]
+    return built_once(key, lambda: _extractor(cfg))
 
 
 def _chunk_features(chunk: _Chunk) -> np.ndarray:

@@ -57,11 +57,6 @@ def spread(points: np.ndarray, shape: tuple[int, ...]) -> bool:
     return bool(span.min() >= MIN_SPREAD)
 
 
-def content_mask(grey: np.ndarray) -> np.ndarray:
-    """Ones over the picture, zeros over uniform borders (letterbox bars)."""
-    return _box_mask(grey.shape, content_box(grey))
-
-
 @dataclass(frozen=True)
 class Picture:
     """A grey image as ``picture_correlation`` compares it: its ``content_box`` and a
@@ -88,7 +83,7 @@ def aligned_correlation(
 ) -> tuple[float, float]:
     """(whole-overlap, median tile) correlation of fine detail where a, warped by
     ``transform`` (3×3), overlaps b; 0s when the pictures share less than ``min_overlap`` of
-    either one's content. Content is inside ``content_mask`` unless ``masks`` (uint8, 1 =
+    either one's content. Content is inside ``content_box`` unless ``masks`` (uint8, 1 =
     picture) are given: then detail is measured within them only and finer than
     ``DENSE_FINE_SIGMA`` is ignored (the dense fallback's images).
 

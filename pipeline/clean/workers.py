@@ -92,7 +92,7 @@ class WorkerPool:
 
         with tqdm(total=len(tasks), desc=desc, unit=unit) as bar:
             if self.dask_address:
-                yield from self._dask_map(function, tasks, bar)
+                yield from self._dask_map(self.dask_address, function, tasks, bar)
                 return
             if self.workers <= 1 or len(tasks) < 2:
                 for task in tasks:
@@ -114,18 +114,15 @@ class WorkerPool:
                 bar.update()
 
     def _dask_map(
-        self, function: Callable[[Task], Result], tasks: Sequence[Task], bar: tqdm
+        self, address: str, function: Callable[[Task], Result], tasks: Sequence[Task], bar: tqdm
     ) -> Iterator[Result]:
         from pipeline.fanout import completed, connect
 
-        assert self.dask_address is not None
         if self._client is None:
-            self._client = connect(self.dask_address, DASK_KEY)
+            self._client = connect(address, DASK_KEY)
             self._client.run(_worker_init)
         futures = self._client.map(function, list(tasks), pure=False)
-        for _, result in completed(
-            self._client, futures, address=self.dask_address, key=DASK_KEY, bar=bar
-        ):
+        for _, result in completed(self._client, futures, address=address, key=DASK_KEY, bar=bar):
             yield result
 
     def close(self) -> None:
