@@ -120,12 +120,19 @@ def write_tflite_source(model: Any, image_size: int, out_dir: Path) -> Path:
     return out_dir
 
 
+def _converter(saved_model_dir: Path) -> Any:
+    """A TFLite converter of ``write_tflite_source``'s pixel signature."""
+    import tensorflow as tf
+
+    return tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model_dir), signature_keys=[PIXEL_SIGNATURE]
+    )
+
+
 def _int8_converter(saved_model_dir: Path, calibration: np.ndarray) -> Any:
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(
-        str(saved_model_dir), signature_keys=[PIXEL_SIGNATURE]
-    )
+    converter = _converter(saved_model_dir)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([image[None]] for image in calibration)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -217,9 +224,7 @@ def tflite_bytes(
             raise ValueError("int8 with max_float_layers needs the Keras probabilities of the "
                              "representative images")  # fmt: skip
         return _int8_with_float_prefix(converter, calibration, reference, max_float_layers)
-    converter = tf.lite.TFLiteConverter.from_saved_model(
-        str(saved_model_dir), signature_keys=[PIXEL_SIGNATURE]
-    )
+    converter = _converter(saved_model_dir)
     if variant == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
