@@ -40,9 +40,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 OFF = {"second_pass": False}
+NO_DENSE = {"dense_fallback": False}
 TOOLS = {  # --tools name of each tool
     "crawl2model pass 2 off": "off",
     "crawl2model default": "default",
+    "crawl2model no dense fallback": "nodense",
     "fastdup": "fastdup",
     "imagededup PHash": "imagededup",
 }
@@ -202,6 +204,9 @@ def run_set(name: str, raw: Path, work: Path, args: argparse.Namespace) -> None:
     tools = {
         "crawl2model pass 2 off": lambda r: _ours(raw, work / f"{name}-off-{r}", args.set | OFF),
         "crawl2model default": lambda r: _ours(raw, work / f"{name}-on-{r}", args.set),
+        "crawl2model no dense fallback": lambda r: _ours(
+            raw, work / f"{name}-nodense-{r}", args.set | NO_DENSE
+        ),
     }
     if args.peer_python:
         tools["fastdup"] = lambda r: _peer(args.peer_python, FASTDUP, flat, work / f"fd-{name}-{r}")
@@ -225,12 +230,16 @@ def run_set(name: str, raw: Path, work: Path, args: argparse.Namespace) -> None:
         )
     for tool in tools:
         print(
-            f"{tool:24s} {statistics.median(speeds[tool]):7.1f} images/CPU-s "
+            f"{tool:30s} {statistics.median(speeds[tool]):7.1f} images/CPU-s "
             f"(rounds: {', '.join(f'{s:.0f}' for s in speeds[tool])}); "
             f"wall {statistics.median(walls[tool]):.1f} s"
         )
     medians = {tool: statistics.median(speeds[tool]) for tool in tools}
-    for ours_tool in ("crawl2model pass 2 off", "crawl2model default"):
+    for ours_tool in (
+        "crawl2model pass 2 off",
+        "crawl2model default",
+        "crawl2model no dense fallback",
+    ):
         for peer in ("imagededup PHash", "fastdup"):
             if ours_tool in medians and peer in medians:
                 print(f"  {ours_tool} / {peer}: {medians[ours_tool] / medians[peer]:.2f}x")

@@ -2,18 +2,23 @@
 
 Consumes the normalised images in data/clean that some candidate pair needs (verify.py says
 which, and whether a pair compares it mirrored). Produces a ``Described`` per image: its ORB
-keypoints and descriptors (strongest first; and its mirror's when a pair needs them), the small
-grey picture and mask the dense fallback aligns (``aligned.dense_picture``), and whether the
-dense fallback may judge it at all (``dense_suitable``). Computed on the workers in tasks of
-``DESCRIBE_BATCH`` images from one read of each file, and shipped to the verify workers as
-arrays.
+keypoints and descriptors (strongest first; a sparse, low-texture picture's found with FAST's
+threshold lowered to ``SPARSE_FAST_THRESHOLD``), the small grey picture and mask the dense
+fallback aligns (``aligned.dense_picture``), and whether the dense fallback may judge it at
+all (``dense_suitable``); and its mirror's keypoints when a pair needs them. Computed on the
+workers in tasks of ``DESCRIBE_BATCH`` images from one read of each file, written to the run's
+``DescribedStore`` and read from there by the verify workers (``DescribedCache``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import pickle
+import shutil
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -24,26 +29,134 @@ from pipeline.clean.workers import WorkerPool
 
 # ORB needs ~31 px patches around each keypoint; tiny images are upscaled to this side first.
 ORB_SIDE = 256
+# Below this many ORB keypoints (bench: 0–100 on sky, cells, the clock; 500, the cap, on
+# textured photos) an image is sparse: the default detector has too little to go on, so it is
+# described with FAST's threshold at SPARSE_FAST_THRESHOLD instead of 20 (faint cloud and
+# cell texture gives keypoints that match: on bench/clean_recall.py ORB then confirmed 0.90 of
+# the pairs the dense fallback had, at a twentieth of its cost), and the dense fallback judges
+# what those keypoints do not line up (verify.py).
+SPARSE_KEYPOINTS = 150
+SPARSE_FAST_THRESHOLD = 4
+OPEN_STORE_FILES = 64  # store files a verify worker keeps open
 DESCRIBE_BATCH = 32  # images per describe task
+STORE = ".pass2"  # DescribedStore's directory under the clean output
 DENSE_MIN_PICTURE = 0.6  # see dense_suitable
 
 Features = tuple[np.ndarray, np.ndarray | None]  # keypoint coordinates (n, 2), descriptors
+Located = tuple[str, int, int]  # DescribedStore: file, offset, length of one entry
 
 
 @dataclass(frozen=True)
 class Described:
-    """One image as the verify workers need it; ``mirrored`` only when a pair uses it."""
+    """One image as the verify workers need it (its mirror's keypoints are stored apart)."""
 
     plain: Features
-    mirrored: Features | None
     dense: tuple[np.ndarray, np.ndarray]  # aligned.dense_picture: small grey, picture mask
     dense_ok: bool  # whether the dense fallback may judge it (see ``dense_suitable``)
+    sparse: bool  # the default detector found under SPARSE_KEYPOINTS keypoints
 
 
 @dataclass(frozen=True)
 class DescribeTask:
-    images: tuple[tuple[int, str, bool], ...]  # (index, normalised file, mirror needed)
+    # (index, normalised file, the image needed, its mirror needed)
+    images: tuple[tuple[int, str, bool, bool], ...]
     orb_features: int
+    path: str  # the store file this task writes
+    # (index, mirrored) -> what an earlier round stored of an image, for a mirror-only task
+    known: dict[int, Located]
+
+
+class DescribedStore:
+    """Where the describe workers leave each image's ``Described`` and its mirror's
+    ``Features`` for the verify workers: one file per describe task in ``STORE`` under the
+    clean output, for the length of one run (Dask workers see it as they see the images), and
+    where each entry lies in it (``located``).
+
+    Files, not task arguments: shipping each verify task the arrays of the images its pairs
+    need pickled 2.0 GB through the pool's pipes for the throughput bench's 1,500 photos
+    (every image went out about 15 times), against 126 MB written once; pass 2 with 2 workers
+    cost 0.83x the CPU and 0.81x the wall time. One file per task, not per image: a file
+    created or opened cost 0.3 ms here, 2 CPU-s over the 1,500 photos."""
+
+    def __init__(self, out: Path) -> None:
+        self.root = out / STORE
+        self.located: dict[tuple[int, bool], Located] = {}
+        self._files = 0
+
+    def reset(self) -> None:
+        """Empty (a killed run may have left files behind)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        self.located.clear()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.located.clear()
+
+    def new_path(self) -> str:
+        self._files += 1
+        return str(self.root / f"{self._files}.pkl")
+
+
+class DescribedCache:
+    """What one worker read from a run's store, up to ``limit`` bytes, least recently used
+    out, with the store files it read kept open (a worker's tasks share images)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: OrderedDict[Located, tuple[Any, int]] = OrderedDict()
+        self.held = 0
+        self.files: OrderedDict[str, BinaryIO] = OrderedDict()
+
+    def get(self, where: Located) -> Any:
+        found = self.items.get(where)
+        if found is not None:
+            self.items.move_to_end(where)
+            return found[0]
+        value = pickle.loads(self._read(where))
+        size = where[2] + _array_bytes(value)
+        while self.items and self.held + size > self.limit:
+            self.held -= self.items.popitem(last=False)[1][1]
+        self.items[where] = (value, size)
+        self.held += size
+        return value
+
+    def _read(self, where: Located) -> bytes:
+        path, offset, length = where
+        file = self.files.get(path)
+        if file is None:
+            file = self.files[path] = open(path, "rb")  # noqa: SIM115 (closed in clear)
+            while len(self.files) > OPEN_STORE_FILES:
+                self.files.popitem(last=False)[1].close()
+        else:
+            self.files.move_to_end(path)
+        file.seek(offset)
+        return file.read(length)
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.held = 0
+        for file in self.files.values():
+            file.close()
+        self.files.clear()
+
+
+def read_entry(where: Located) -> Any:
+    """One entry of a store file, read on its own."""
+    path, offset, length = where
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return pickle.loads(file.read(length))
+
+
+def _array_bytes(value: object) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, tuple):
+        return sum(_array_bytes(item) for item in value)
+    if isinstance(value, Described):
+        return _array_bytes(value.plain) + _array_bytes(value.dense)
+    return 0
 
 
 def describe_all(
@@ -52,31 +165,36 @@ def describe_all(
     records: Sequence[ImageRecord],
     out: Path,
     pool: WorkerPool,
-    have: Mapping[int, Described],
-) -> dict[int, Described]:
-    """``Described`` of every image a candidate pair needs that ``have`` lacks (or has
-    without the mirror a pair needs), computed on the workers."""
+    store: DescribedStore,
+) -> None:
+    """Describe into ``store`` every image a candidate pair needs that it lacks, and the
+    mirror of every image a pair compares mirrored that it lacks."""
     needed: dict[int, bool] = {}
     for i, j, flip, *_ in candidates:
         needed.setdefault(i, False)
         needed[j] = needed.get(j, False) or flip
-    indices = [
-        i for i in sorted(needed) if i not in have or (needed[i] and have[i].mirrored is None)
+    have = store.located
+    todo = [
+        (i, (i, False) not in have, mirrored and (i, True) not in have)
+        for i, mirrored in sorted(needed.items())
+        if (i, False) not in have or (mirrored and (i, True) not in have)
     ]
-    tasks = [
-        DescribeTask(
-            images=tuple(
-                (i, str(out / records[i].image.clean_path), needed[i])
-                for i in indices[start : start + DESCRIBE_BATCH]
-            ),
-            orb_features=orb_features,
+    tasks = []
+    for start in range(0, len(todo), DESCRIBE_BATCH):
+        chunk = todo[start : start + DESCRIBE_BATCH]
+        tasks.append(
+            DescribeTask(
+                images=tuple(
+                    (i, str(out / records[i].image.clean_path), plain, mirrored)
+                    for i, plain, mirrored in chunk
+                ),
+                orb_features=orb_features,
+                path=store.new_path(),
+                known={i: have[i, False] for i, plain, _ in chunk if not plain},
+            )
         )
-        for start in range(0, len(indices), DESCRIBE_BATCH)
-    ]
-    described: dict[int, Described] = {}
-    for batch in pool.map(describe_images, tasks, "clean: describe", unit="batch"):
-        described.update(batch)
-    return described
+    for located in pool.map(describe_images, tasks, "clean: describe", unit="batch"):
+        have.update(located)
 
 
 def read_grey(path: Path) -> np.ndarray:
@@ -95,33 +213,52 @@ def mirror(grey: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(grey[:, ::-1])
 
 
-def describe_images(task: DescribeTask) -> dict[int, Described]:
-    """ORB keypoints of each image (and of its mirror when asked) and its dense grey.
+def describe_images(task: DescribeTask) -> dict[tuple[int, bool], Located]:
+    """ORB keypoints of each image (and of its mirror when asked) and its dense grey, written
+    to the task's store file; where each went.
 
-    Computed once per image and shipped to the matching workers as arrays, because pairs from
-    nearest neighbours scatter over all images and per-batch recomputation cost 16x more.
+    Computed once per image and read by the matching workers, because pairs from nearest
+    neighbours scatter over all images and per-batch recomputation cost 16x more.
     """
     orb = cv2.ORB_create(nfeatures=task.orb_features)
+    sensitive = cv2.ORB_create(nfeatures=task.orb_features, fastThreshold=SPARSE_FAST_THRESHOLD)
 
-    def features(grey: np.ndarray) -> Features:
-        keypoints, descriptors = orb.detectAndCompute(grey, None)
+    def features(grey: np.ndarray, sparse: bool) -> Features:
+        keypoints, descriptors = (sensitive if sparse else orb).detectAndCompute(grey, None)
         # Strongest first, for _ratio_matches' quick look at the first PREFILTER_KEYPOINTS.
         order = np.argsort([-k.response for k in keypoints], kind="stable")
         points = np.float32([keypoints[n].pt for n in order]).reshape(-1, 2)
         return points, None if descriptors is None else descriptors[order]
 
-    described = {}
-    for index, path, mirrored in task.images:
-        stored = read_grey(Path(path))
-        grey = for_orb(stored)
-        dense = dense_picture(grey)
-        described[index] = Described(
-            plain=features(grey),
-            mirrored=features(mirror(grey)) if mirrored else None,
-            dense=dense,
-            dense_ok=dense_suitable(stored),
-        )
-    return described
+    located: dict[tuple[int, bool], Located] = {}
+    # Written in place: the parent reads only what finished tasks returned, and a killed
+    # run's store is emptied by the next.
+    with open(task.path, "wb") as file:
+
+        def put(key: tuple[int, bool], value: object) -> None:
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            located[key] = (task.path, file.tell(), len(data))
+            file.write(data)
+
+        for index, path, plain, mirrored in task.images:
+            stored = read_grey(Path(path))
+            grey = for_orb(stored)
+            if plain:
+                sparse = len(orb.detect(grey, None)) < SPARSE_KEYPOINTS
+                put(
+                    (index, False),
+                    Described(
+                        plain=features(grey, sparse),
+                        dense=dense_picture(grey),
+                        dense_ok=dense_suitable(stored),
+                        sparse=sparse,
+                    ),
+                )
+            else:  # described in an earlier round of this run
+                sparse = read_entry(task.known[index]).sparse
+            if mirrored:
+                put((index, True), features(mirror(grey), sparse))
+    return located
 
 
 def dense_suitable(grey: np.ndarray) -> bool:

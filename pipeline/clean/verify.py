@@ -16,7 +16,7 @@ method ecc: aligned correlation, mirrored).
    the number of workers, so the output does not either.
 3. ``describe.describe_images`` (workers): ORB keypoints of every image a pair needs (and of its
    mirror, when a pair needs that), computed once from one read of the file, plus the small
-   grey picture the dense fallback aligns.
+   grey picture the dense fallback aligns; left in the run's ``describe.DescribedStore``.
 4. ``verify_pairs`` (workers): ratio-test matches (after a quick look at the strongest
    ``PREFILTER_KEYPOINTS`` of each image), a RANSAC similarity transform (a
    homography when the similarity does not line the pictures up: perspective) with enough
@@ -24,10 +24,12 @@ method ecc: aligned correlation, mirrored).
    (so overlapping crops of one photograph stay apart), and their fine detail, once aligned,
    must correlate by at least ``orb_min_correlation`` over the overlap, or halfway from there
    to 1 in the median of 4 × 4 tiles (so a watermark over a strip does not hide a copy).
-   When ORB cannot judge — either picture has under ``DENSE_MAX_KEYPOINTS`` keypoints (sky,
-   cells, a smooth clock face) — the embeddings are at least ``DENSE_MIN_SIMILARITY`` alike
-   and both images suit it (``describe.dense_suitable``), ``aligned.dense_transform`` aligns the two
-   by ECC instead; the same overlap test and a stricter correlation bar (halfway from
+   When ORB could not line the two up and either is sparse (under
+   ``describe.SPARSE_KEYPOINTS`` keypoints at ORB's default threshold: sky, cells, a smooth
+   clock face; with ``dense_fallback: false`` only when either has under that many even at
+   the sparse threshold), the embeddings are at least ``DENSE_MIN_SIMILARITY`` alike and
+   both images suit it (``describe.dense_suitable``), ``aligned.dense_transform`` aligns the
+   two by ECC instead; the same overlap test and a stricter correlation bar (halfway from
    ``orb_min_correlation`` to 1) decide, on detail with the fill of rotated corners and
    letterbox bars left out (aligned.py).
 """
@@ -55,8 +57,12 @@ from pipeline.clean.aligned import (
 from pipeline.clean.analysis import analysis_fingerprint
 from pipeline.clean.decode import DecodeSettings
 from pipeline.clean.describe import (
+    SPARSE_KEYPOINTS,
     Described,
+    DescribedCache,
+    DescribedStore,
     Features,
+    Located,
     describe_all,
     for_orb,
     mirror,
@@ -71,22 +77,24 @@ from pipeline.config import CleanConfig
 
 VERIFY_BATCH = 128  # pairs per verify task
 ROUND = 2048  # pairs verified between two transitivity checks (connected groups)
-# Below this many ORB keypoints in either picture ORB has too little to go on (bench: 0–100
-# on sky, cells, the clock; 500, the cap, on textured photos) and the dense fallback runs.
-DENSE_MAX_KEYPOINTS = 150
 # The dense fallback runs only on pairs whose thumbnails are this alike (cosine): it is the
 # costlier check; on bench/clean_recall.py 0.95 of the copies it confirmed are above 0.85.
 DENSE_MIN_SIMILARITY = 0.8
 # A quick look first: the strongest PREFILTER_KEYPOINTS of each image must give this many
-# ratio-test matches before all of them are matched (a sixth of the cost). On
-# bench/clean_recall.py it keeps 0.998 of the pairs ORB confirms (1.0 on the throughput bench's
-# photos) and stops 0.7 of the candidates.
-PREFILTER_KEYPOINTS = 200
+# ratio-test matches before all of them are matched. At 100 (a quarter of the search at 200,
+# which is what every pair pays) it keeps every pair ORB confirmed on the throughput bench's
+# photos and 0.99 on bench/clean_recall.py (the rest joined by other pairs: same recall), and
+# cut pass 2 by 0.14 there.
+PREFILTER_KEYPOINTS = 100
 PREFILTER_MATCHES = 3
+# What _aligned says of a pair it lined up (a RANSAC transform with enough inliers, spread
+# over the picture, at a sane scale) that then failed the overlap or the correlation test.
+LINED_UP = "lined up"
 # What a verify worker keeps between tasks: normalised greys with their content boxes, and the
 # detail of the most recently correlated ones in the last DETAIL_CACHE_BYTES of it.
 GREY_CACHE_BYTES = 128 * 2**20
 DETAIL_CACHE_BYTES = 16 * 2**20
+DESCRIBED_CACHE_BYTES = 256 * 2**20  # and the describe store's entries it read
 
 Edge = tuple[int, int]
 # i, j, compare j mirrored first, similarity that way, similarity the other way
@@ -102,6 +110,7 @@ class VerifySettings:
     min_inliers: int
     min_correlation: float
     min_overlap: float
+    dense_fallback: bool
 
     @classmethod
     def from_config(cls, cfg: CleanConfig) -> VerifySettings:
@@ -111,15 +120,16 @@ class VerifySettings:
             min_inliers=cfg.orb_min_inliers,
             min_correlation=cfg.orb_min_correlation,
             min_overlap=cfg.orb_min_overlap,
+            dense_fallback=cfg.dense_fallback,
         )
 
 
 @dataclass(frozen=True)
 class VerifyTask:
     pairs: tuple[Candidate, ...]
-    described: dict[int, Described]
     files: dict[int, str]
     settings: VerifySettings
+    store: dict[tuple[int, bool], Located]  # (image, mirrored) -> where DescribedStore put it
 
 
 def orb_pairs(
@@ -159,7 +169,8 @@ def orb_pairs(
     def key(pair: Candidate) -> Key:
         return shas[pair[0]], shas[pair[1]], pair[2]
 
-    described: dict[int, Described] = {}
+    store = DescribedStore(out)
+    store.reset()
     files = {i: str(out / record.image.clean_path) for i, record in enumerate(records)}
     transitive = cfg.duplicate_groups == "connected"
     joined = DisjointSet(range(len(records)))
@@ -181,9 +192,9 @@ def orb_pairs(
         verified, reused = verified + len(todo), reused + len(chunk) - len(todo)
         todo.sort()  # pairs of one image in one task: its grey is read once
         # Described as a round first needs them: a rerun describes only new pairs' images.
-        described.update(describe_all(settings.orb_features, todo, records, out, pool, described))
+        describe_all(settings.orb_features, todo, records, out, pool, store)
         tasks = [
-            _verify_task(settings, todo[at : at + VERIFY_BATCH], described, files)
+            _verify_task(settings, todo[at : at + VERIFY_BATCH], files, store)
             for at in range(0, len(todo), VERIFY_BATCH)
         ]
         new = [
@@ -195,8 +206,10 @@ def orb_pairs(
             joined.merge(a, b)
             confirmed.append((a, b, match))
     verdicts.compact()
+    store.remove()
     _greys.clear()  # what an inline run (one worker) kept in this process
     _details.clear()
+    _described.clear()
     confirmed.sort(key=lambda pair: pair[:2])
     counts = {
         "orb_candidates": len(candidates),
@@ -211,15 +224,16 @@ def orb_pairs(
 def _verify_task(
     settings: VerifySettings,
     pairs: list[Candidate],
-    described: dict[int, Described],
     files: dict[int, str],
+    store: DescribedStore,
 ) -> VerifyTask:
-    indices = {i for pair in pairs for i in pair[:2]}
+    needed = {(i, False) for pair in pairs for i in pair[:2]}
+    needed |= {(j, True) for _, j, flip, *_ in pairs if flip}
     return VerifyTask(
         pairs=tuple(pairs),
-        described={i: described[i] for i in indices},
-        files={i: files[i] for i in indices},
+        files={i: files[i] for i, _ in needed},
         settings=settings,
+        store={key: store.located[key] for key in needed},
     )
 
 
@@ -255,6 +269,7 @@ class _Kept:
 
 _greys = _Kept(lambda: GREY_CACHE_BYTES - DETAIL_CACHE_BYTES)
 _details = _Kept(lambda: DETAIL_CACHE_BYTES)
+_described = DescribedCache(DESCRIBED_CACHE_BYTES)
 
 
 def _picture(path: str, mirrored: bool) -> Picture:
@@ -308,17 +323,24 @@ def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
 def _verify_pair(task: VerifyTask, i: int, j: int, flip: bool, similarity: float) -> Match | None:
     """The evidence that i and j (mirrored if ``flip``) are one picture, or None."""
     settings = task.settings
-    first, second = task.described[i], task.described[j]
-    features = second.mirrored if flip else second.plain
-    assert features is not None  # describe_images made it: a pair needs it
+    first: Described = _described.get(task.store[i, False])
+    second: Described = _described.get(task.store[j, False])
+    features: Features = _described.get(task.store[j, True]) if flip else second.plain
     matches = _ratio_matches(first.plain, features, settings)
+    lined_up = False
     if matches is not None:
         picture_i, picture_j = _picture(task.files[i], False), _picture(task.files[j], flip)
         verdict = _aligned(picture_i, picture_j, matches, settings)
-        if verdict is not None:
+        if isinstance(verdict, tuple):
             inliers, correlation = verdict
             return Match("orb", inliers=inliers, correlation=round(correlation, 4), mirrored=flip)
-    few = min(len(first.plain[0]), len(features[0])) < DENSE_MAX_KEYPOINTS
+        lined_up = verdict == LINED_UP
+    if settings.dense_fallback:
+        # A sparse picture's keypoints (describe.py) are unsteady: the dense check judges what
+        # they did not line up.
+        few = (first.sparse or second.sparse) and not lined_up
+    else:
+        few = min(len(first.plain[0]), len(features[0])) < SPARSE_KEYPOINTS
     if few and first.dense_ok and second.dense_ok and similarity >= DENSE_MIN_SIMILARITY:
         dense = (mirror(second.dense[0]), mirror(second.dense[1])) if flip else second.dense
         correlation = _dense(first.dense, dense, settings)
@@ -382,9 +404,10 @@ def _aligned(
     b: Picture,
     matches: tuple[np.ndarray, np.ndarray],
     settings: VerifySettings,
-) -> tuple[int, float] | None:
+) -> tuple[int, float] | str | None:
     """(inliers, correlation) when a similarity transform, or failing that a homography,
-    maps a onto b with enough inliers, overlap and aligned correlation; else None."""
+    maps a onto b with enough inliers, overlap and aligned correlation; ``LINED_UP`` when one
+    did but failed the overlap or the correlation; else None."""
     src, dst = matches
     similarity, mask = cv2.estimateAffinePartial2D(
         src, dst, method=cv2.RANSAC, ransacReprojThreshold=5.0, maxIters=500
@@ -421,5 +444,5 @@ def _aligned(
     # RANSAC seeds its generator afresh on every call, so skipping one changes no other result.
     homography, hmask = cv2.findHomography(src, dst, cv2.RANSAC, 5.0, maxIters=500)
     if homography is None or hmask is None or int(hmask.sum()) < settings.min_inliers:
-        return None
-    return verdict(homography, int(hmask.sum()))
+        return LINED_UP
+    return verdict(homography, int(hmask.sum())) or LINED_UP

@@ -43,6 +43,7 @@ class CleanConfig(_Section):
     orb_min_inliers: Annotated[int, Field(ge=4)] = 6
     orb_min_correlation: Annotated[float, Field(ge=-1, le=1)] = 0.8
     orb_min_overlap: Annotated[float, Field(ge=0, le=1)] = 0.7
+    dense_fallback: bool = True
     duplicate_groups: Literal["connected", "star"] = "connected"
     # label conflicts and quality flags
     label_conflicts: Literal["drop", "keep_first"] = "drop"

@@ -7,36 +7,64 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from PIL import Image
 from test_clean import config, encode, run
 
 from pipeline.clean import aligned
+from pipeline.clean.describe import SPARSE_KEYPOINTS
 from pipeline.clean.embed import view_vectors
 from pipeline.clean.neighbours import pair_similarities
 from pipeline.files import read_jsonl
 
 
-def low_texture(seed: int, size: int = 320) -> Image.Image:
-    """A smooth shaded picture with faint fine grain (sky, cells): no ORB keypoints."""
+def low_texture(
+    seed: int, size: int = 320, grain_level: float = 6, grain_sigma: float = 1.5
+) -> Image.Image:
+    """A smooth shaded picture with faint fine grain (sky, cells): no ORB keypoints at ORB's
+    default FAST threshold; fainter and coarser grain leaves none at the sparse one either."""
     rng = np.random.default_rng(seed)
     coarse = rng.normal(0, 1, (5, 5)).astype(np.float32)
     shade = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
-    grain = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), 1.5)
-    grey = 128 + 25 * shade / np.abs(shade).max() + 6 * grain / grain.std()
+    grain = cv2.GaussianBlur(
+        rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), grain_sigma
+    )
+    grey = 128 + 25 * shade / np.abs(shade).max() + grain_level * grain / grain.std()
     return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+BLANK = {"grain_level": 2, "grain_sigma": 2.5}  # under SPARSE_KEYPOINTS even when sensitive
+
+
+def keypoints(image: Image.Image, **orb: int) -> int:
+    grey = cv2.resize(np.asarray(image.convert("L")), (256, 256), interpolation=cv2.INTER_AREA)
+    return len(cv2.ORB_create(500, **orb).detect(grey))
 
 
 def groups_by_path(out: Path) -> dict[str, str]:
     return {row["raw_path"]: row["group"] for row in read_jsonl(out / "manifest.jsonl")}
 
 
-def test_no_orb_keypoints_on_the_fixture() -> None:
-    grey = np.asarray(low_texture(1).convert("L"))
-    assert len(cv2.ORB_create(500).detect(grey)) < 150
+def test_the_fixtures_keypoints() -> None:
+    sparse, blank = low_texture(1), low_texture(1, **BLANK)
+    assert keypoints(sparse) < SPARSE_KEYPOINTS <= keypoints(sparse, fastThreshold=4)
+    assert keypoints(blank, fastThreshold=4) < SPARSE_KEYPOINTS
 
 
-def test_rotated_and_cropped_low_texture_copies_join_their_original_only(tmp_path: Path) -> None:
-    originals = {seed: low_texture(seed) for seed in (1, 2)}
+@pytest.mark.parametrize(
+    ("texture", "dense_fallback", "method"),
+    [
+        ({}, True, "orb"),  # sparse: described with the sensitive FAST threshold, ORB judges
+        ({}, False, "orb"),
+        # Next to nothing for ORB even then: the dense check judges (dense_fallback: false
+        # keeps it for such pictures only).
+        (BLANK, False, "ecc"),
+    ],
+)
+def test_rotated_and_cropped_low_texture_copies_join_their_original_only(
+    tmp_path: Path, texture: dict[str, float], dense_fallback: bool, method: str
+) -> None:
+    originals = {seed: low_texture(seed, **texture) for seed in (1, 2)}
     files = []
     for seed, image in originals.items():
         rotated = image.rotate(10, resample=Image.Resampling.BILINEAR)  # black corners
@@ -46,7 +74,7 @@ def test_rotated_and_cropped_low_texture_copies_join_their_original_only(tmp_pat
             ("sky", f"{seed}-crop.png", encode(image.crop((16, 16, 304, 304)))),
         ]
 
-    _, out = run(tmp_path, files, config(near_duplicates="group"))
+    _, out = run(tmp_path, files, config(near_duplicates="group", dense_fallback=dense_fallback))
 
     groups = groups_by_path(out)
     for seed in (1, 2):
@@ -55,7 +83,7 @@ def test_rotated_and_cropped_low_texture_copies_join_their_original_only(tmp_pat
     # Two rotated copies share their black corners; that alone must not make them one picture.
     assert groups["sky/1-original.png"] != groups["sky/2-original.png"]
     methods = {e["method"] for g in read_jsonl(out / "groups.jsonl") for e in g["edges"]}
-    assert "ecc" in methods
+    assert method in methods
 
 
 def test_overlapping_low_texture_crops_stay_apart(tmp_path: Path) -> None:
