@@ -223,12 +223,17 @@ def describe_images(task: DescribeTask) -> dict[tuple[int, bool], Located]:
     orb = cv2.ORB_create(nfeatures=task.orb_features)
     sensitive = cv2.ORB_create(nfeatures=task.orb_features, fastThreshold=SPARSE_FAST_THRESHOLD)
 
-    def features(grey: np.ndarray, sparse: bool) -> Features:
+    def features(grey: np.ndarray, sparse: bool | None) -> tuple[Features, bool]:
+        """(features, sparse); ``sparse`` None: the default detector decides."""
         keypoints, descriptors = (sensitive if sparse else orb).detectAndCompute(grey, None)
+        if sparse is None:
+            sparse = len(keypoints) < SPARSE_KEYPOINTS
+            if sparse:
+                keypoints, descriptors = sensitive.detectAndCompute(grey, None)
         # Strongest first, for _ratio_matches' quick look at the first PREFILTER_KEYPOINTS.
         order = np.argsort([-k.response for k in keypoints], kind="stable")
         points = np.float32([keypoints[n].pt for n in order]).reshape(-1, 2)
-        return points, None if descriptors is None else descriptors[order]
+        return (points, None if descriptors is None else descriptors[order]), sparse
 
     located: dict[tuple[int, bool], Located] = {}
     # Written in place: the parent reads only what finished tasks returned, and a killed
@@ -244,11 +249,11 @@ def describe_images(task: DescribeTask) -> dict[tuple[int, bool], Located]:
             stored = read_grey(Path(path))
             grey = for_orb(stored)
             if plain:
-                sparse = len(orb.detect(grey, None)) < SPARSE_KEYPOINTS
+                found, sparse = features(grey, None)
                 put(
                     (index, False),
                     Described(
-                        plain=features(grey, sparse),
+                        plain=found,
                         dense=dense_picture(grey),
                         dense_ok=dense_suitable(stored),
                         sparse=sparse,
@@ -257,7 +262,7 @@ def describe_images(task: DescribeTask) -> dict[tuple[int, bool], Located]:
             else:  # described in an earlier round of this run
                 sparse = read_entry(task.known[index]).sparse
             if mirrored:
-                put((index, True), features(mirror(grey), sparse))
+                put((index, True), features(mirror(grey), sparse)[0])
     return located
 
 

@@ -78,8 +78,14 @@ from pipeline.config import CleanConfig
 VERIFY_BATCH = 128  # pairs per verify task
 ROUND = 2048  # pairs verified between two transitivity checks (connected groups)
 # The dense fallback runs only on pairs whose thumbnails are this alike (cosine): it is the
-# costlier check; on bench/clean_recall.py 0.95 of the copies it confirmed are above 0.85.
+# costlier check (3 ms a pair); on bench/clean_recall.py 0.95 of the copies it confirmed are
+# above 0.85.
 DENSE_MIN_SIMILARITY = 0.8
+# And on pairs ORB had keypoints for but did not line up, this alike: with sparse pictures'
+# keypoints found at the sensitive FAST threshold, what ORB leaves is mostly look-alikes (at
+# 0.8 on the throughput bench's photos 2,908 dense checks confirmed 6 pairs; at 0.9, 498
+# confirmed 5 with the same groups), for a third less pass 2.
+DENSE_SPARSE_MIN_SIMILARITY = 0.9
 # A quick look first: the strongest PREFILTER_KEYPOINTS of each image must give this many
 # ratio-test matches before all of them are matched. At 100 (a quarter of the search at 200,
 # which is what every pair pays) it keeps every pair ORB confirmed on the throughput bench's
@@ -335,13 +341,18 @@ def _verify_pair(task: VerifyTask, i: int, j: int, flip: bool, similarity: float
             inliers, correlation = verdict
             return Match("orb", inliers=inliers, correlation=round(correlation, 4), mirrored=flip)
         lined_up = verdict == LINED_UP
-    if settings.dense_fallback:
-        # A sparse picture's keypoints (describe.py) are unsteady: the dense check judges what
-        # they did not line up.
-        few = (first.sparse or second.sparse) and not lined_up
+    # Blank: too few keypoints even at the sensitive threshold, so ORB could not judge at all.
+    # Sparse (either picture; describe.py): ORB had keypoints, but unsteady ones, so with
+    # dense_fallback the dense check also judges what they did not line up, when the
+    # thumbnails are more alike.
+    blank = min(len(first.plain[0]), len(features[0])) < SPARSE_KEYPOINTS
+    if blank:
+        bar = DENSE_MIN_SIMILARITY
+    elif settings.dense_fallback and (first.sparse or second.sparse) and not lined_up:
+        bar = DENSE_SPARSE_MIN_SIMILARITY
     else:
-        few = min(len(first.plain[0]), len(features[0])) < SPARSE_KEYPOINTS
-    if few and first.dense_ok and second.dense_ok and similarity >= DENSE_MIN_SIMILARITY:
+        return None
+    if first.dense_ok and second.dense_ok and similarity >= bar:
         dense = (mirror(second.dense[0]), mirror(second.dense[1])) if flip else second.dense
         correlation = _dense(first.dense, dense, settings)
         if correlation is not None:
