@@ -3,9 +3,9 @@
 Consumes the normalised images in data/clean that some candidate pair needs (verify.py says
 which, and whether a pair compares it mirrored). Produces a ``Described`` per image: its ORB
 keypoints and descriptors (strongest first; a sparse, low-texture picture's found with FAST's
-threshold lowered to ``SPARSE_FAST_THRESHOLD``), the small grey picture and mask the dense
-fallback aligns (``aligned.dense_picture``), and whether the dense fallback may judge it at
-all (``dense_suitable``); and its mirror's keypoints when a pair needs them. Computed on the
+threshold lowered to ``SPARSE_FAST_THRESHOLD``) and whether it is sparse; and its mirror's
+keypoints when a pair needs them (the dense fallback's picture is made by the verify worker
+that first needs it, with ``dense_suitable``: most images never do). Computed on the
 workers in tasks of ``DESCRIBE_BATCH`` images from one read of each file, written to the run's
 ``DescribedStore`` and read from there by the verify workers (``DescribedCache``).
 """
@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import cv2
 import numpy as np
 
-from pipeline.clean.aligned import DENSE_SIDE, dense_picture, picture_mask
+from pipeline.clean.aligned import DENSE_SIDE, picture_mask
 from pipeline.clean.records import ImageRecord
 from pipeline.clean.workers import WorkerPool
 
@@ -51,8 +51,6 @@ class Described:
     """One image as the verify workers need it (its mirror's keypoints are stored apart)."""
 
     plain: Features
-    dense: tuple[np.ndarray, np.ndarray]  # aligned.dense_picture: small grey, picture mask
-    dense_ok: bool  # whether the dense fallback may judge it (see ``dense_suitable``)
     sparse: bool  # the default detector found under SPARSE_KEYPOINTS keypoints
 
 
@@ -155,7 +153,7 @@ def _array_bytes(value: object) -> int:
     if isinstance(value, tuple):
         return sum(_array_bytes(item) for item in value)
     if isinstance(value, Described):
-        return _array_bytes(value.plain) + _array_bytes(value.dense)
+        return _array_bytes(value.plain)
     return 0
 
 
@@ -252,12 +250,7 @@ def describe_images(task: DescribeTask) -> dict[tuple[int, bool], Located]:
                 found, sparse = features(grey, None)
                 put(
                     (index, False),
-                    Described(
-                        plain=found,
-                        dense=dense_picture(grey),
-                        dense_ok=dense_suitable(stored),
-                        sparse=sparse,
-                    ),
+                    Described(plain=found, sparse=sparse),
                 )
             else:  # described in an earlier round of this run
                 sparse = read_entry(task.known[index]).sparse

@@ -15,8 +15,8 @@ method ecc: aligned correlation, mirrored).
    group is not verified at all: it could not change any group. The rounds do not depend on
    the number of workers, so the output does not either.
 3. ``describe.describe_images`` (workers): ORB keypoints of every image a pair needs (and of its
-   mirror, when a pair needs that), computed once from one read of the file, plus the small
-   grey picture the dense fallback aligns; left in the run's ``describe.DescribedStore``.
+   mirror, when a pair needs that), computed once from one read of the file; left in the
+   run's ``describe.DescribedStore``.
 4. ``verify_pairs`` (workers): ratio-test matches (after a quick look at the strongest
    ``PREFILTER_KEYPOINTS`` of each image), a RANSAC similarity transform (a
    homography when the similarity does not line the pictures up: perspective) with enough
@@ -49,6 +49,7 @@ from scipy.cluster.hierarchy import DisjointSet
 from pipeline.clean.aligned import (
     Picture,
     aligned_correlation,
+    dense_picture,
     dense_transform,
     high_pass,
     picture_correlation,
@@ -63,6 +64,7 @@ from pipeline.clean.describe import (
     DescribedStore,
     Features,
     Located,
+    dense_suitable,
     describe_all,
     for_orb,
     mirror,
@@ -301,6 +303,21 @@ def _picture(path: str, mirrored: bool) -> Picture:
     )
 
 
+def _dense_picture(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """What the dense fallback aligns of the image at ``path`` (``aligned.dense_picture``:
+    small grey, picture mask), or None when it may not judge it (``describe.dense_suitable``);
+    made when a pair first needs it and kept in this worker (most images never do)."""
+
+    def make() -> np.ndarray:
+        stored = read_grey(Path(path))
+        if not dense_suitable(stored):
+            return np.zeros(0, np.uint8)
+        return np.stack(dense_picture(for_orb(stored)))
+
+    both = _greys.get((path, "dense", False), make)
+    return None if not both.size else (both[0], both[1])
+
+
 def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
     """Geometric, then photometric, verification of candidate pairs (the second image
     mirrored when the pair says so); the confirmed ones with their evidence.
@@ -357,9 +374,12 @@ def _verify_pair(task: VerifyTask, i: int, j: int, flip: bool, similarity: float
         bar = DENSE_SPARSE_MIN_SIMILARITY
     else:
         return None
-    if first.dense_ok and second.dense_ok and similarity >= bar:
-        dense = (mirror(second.dense[0]), mirror(second.dense[1])) if flip else second.dense
-        correlation = _dense(first.dense, dense, settings)
+    if similarity < bar:
+        return None
+    dense_i, dense_j = _dense_picture(task.files[i]), _dense_picture(task.files[j])
+    if dense_i is not None and dense_j is not None:
+        dense = (mirror(dense_j[0]), mirror(dense_j[1])) if flip else dense_j
+        correlation = _dense(dense_i, dense, settings)
         if correlation is not None:
             return Match("ecc", correlation=round(correlation, 4), mirrored=flip)
     return None
