@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,18 +78,20 @@ class DescribedStore:
     created or opened cost 0.3 ms here, 2 CPU-s over the 1,500 photos."""
 
     def __init__(self, out: Path) -> None:
-        self.root = out / STORE
+        self.top = out / STORE
+        # A folder of its own per run: long-lived (Dask) workers key what they keep by it.
+        self.root = self.top / uuid.uuid4().hex[:12]
         self.located: dict[tuple[int, bool], Located] = {}
         self._files = 0
 
     def reset(self) -> None:
         """Empty (a killed run may have left files behind)."""
-        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.top, ignore_errors=True)
         self.root.mkdir(parents=True)
         self.located.clear()
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.top, ignore_errors=True)
         self.located.clear()
 
     def new_path(self) -> str:

@@ -143,6 +143,7 @@ class VerifyTask:
     files: dict[int, str]
     settings: VerifySettings
     store: dict[tuple[int, bool], Located]  # (image, mirrored) -> where DescribedStore put it
+    run: str  # this run's DescribedStore folder: what a worker keeps from other runs is stale
 
 
 def orb_pairs(
@@ -220,9 +221,7 @@ def orb_pairs(
             confirmed.append((a, b, match))
     verdicts.compact()
     store.remove()
-    _greys.clear()  # what an inline run (one worker) kept in this process
-    _details.clear()
-    _described.clear()
+    _clear_kept()  # what an inline run (one worker) kept in this process
     confirmed.sort(key=lambda pair: pair[:2])
     counts = {
         "orb_candidates": len(candidates),
@@ -247,6 +246,7 @@ def _verify_task(
         files={i: files[i] for i, _ in needed},
         settings=settings,
         store={key: store.located[key] for key in needed},
+        run=str(store.root),
     )
 
 
@@ -283,6 +283,14 @@ class _Kept:
 _greys = _Kept(lambda: GREY_CACHE_BYTES - DETAIL_CACHE_BYTES)
 _details = _Kept(lambda: DETAIL_CACHE_BYTES)
 _described = DescribedCache(DESCRIBED_CACHE_BYTES)
+_run = [""]  # the run whose tasks this worker's caches hold
+
+
+def _clear_kept() -> None:
+    _greys.clear()
+    _details.clear()
+    _described.clear()
+    _run[0] = ""
 
 
 def _picture(path: str, mirrored: bool) -> Picture:
@@ -329,6 +337,11 @@ def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
     confirmed = []
     # One thread: the searches are small (faiss's OpenMP threads made them 4x slower on 2
     # busy cores) and the pool already uses every core. Restored for an inline run's caller.
+    if task.run != _run[0]:
+        # A long-lived (Dask) worker's greys and descriptions of an earlier run: a re-crawl
+        # may have rewritten an image at the same path.
+        _clear_kept()
+        _run[0] = task.run
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
