@@ -152,3 +152,21 @@ def test_the_tile_median_is_skipped_only_when_the_whole_overlap_decides() -> Non
         assert quick == ((whole, 0.0) if whole >= enough else (whole, tiles))
         skipped += whole >= enough
     assert 0 < skipped < 20
+
+
+def test_pass_2_leaves_no_scratch_files_and_clears_a_killed_runs(tmp_path: Path) -> None:
+    image = low_texture(4)
+    files = [
+        ("sky", "original.png", encode(image)),
+        ("sky", "crop.png", encode(image.crop((16, 16, 304, 304)))),
+    ]
+    # What a run killed during pass 2 leaves of its describe store.
+    torn = tmp_path / "clean" / ".pass2" / "0123456789ab" / "1.pkl"
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(b"torn")
+
+    _, out = run(tmp_path, files, config(near_duplicates="group"))
+
+    assert not (out / ".pass2").exists()
+    groups = groups_by_path(out)
+    assert groups["sky/original.png"] == groups["sky/crop.png"]
