@@ -41,11 +41,12 @@ Where each behaviour lives:
 - ``quality.py``   — quality scores (worker) and flags (blurry, dark, ... odd_size).
 - ``phash.py``     — pass 1: pHash and mirrored-pHash pairs by multi-index Hamming search.
 - ``neighbours.py`` — pass 2's proposal: nearest neighbours per view in a faiss index.
-- ``describe.py``  — (worker) pass 2's per-image half: ORB keypoints (and the mirror's), the
-                     dense fallback's small grey, once per image.
+- ``describe.py``  — (worker) pass 2's per-image half: ORB keypoints (and the mirror's), once
+                     per image, in a per-run file store the verify workers read.
 - ``verify.py``    — pass 2: neighbours confirmed by ORB + RANSAC (similarity or homography),
                      overlap of both pictures, and median tile correlation once aligned; or,
                      on low-texture pictures, by dense ECC alignment (``aligned.py``).
+- ``kept.py``      — (worker) the byte-bounded LRU store verify.py and describe.py keep in.
 - ``verdicts.py``  — pass 2's verdicts kept in ``.verdicts.jsonl``: a rerun verifies only
                      pairs it has not judged.
 - ``grouping.py``  — pairs → groups, the representative kept, exact/near duplicates and

@@ -16,7 +16,7 @@ import pickle
 import shutil
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from pipeline.clean.aligned import DENSE_SIDE, picture_mask
-from pipeline.clean.records import ImageRecord
+from pipeline.clean.kept import Kept, nbytes
 from pipeline.clean.workers import WorkerPool
 
 # ORB needs ~31 px patches around each keypoint; tiny images are upscaled to this side first.
@@ -100,30 +100,18 @@ class DescribedStore:
 
 
 class DescribedCache:
-    """What one worker read from a run's store, up to ``limit`` bytes, least recently used
-    out, with the store files it read kept open (a worker's tasks share images)."""
+    """What one worker read from a run's store, up to ``limit`` bytes (``kept.Kept``), with
+    the store files it read kept open (a worker's tasks share images)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.items: OrderedDict[Located, tuple[Any, int]] = OrderedDict()
-        self.held = 0
+        # An entry counts its pickled bytes and its arrays.
+        self.kept = Kept(lambda: limit, lambda where, value: where[2] + _entry_bytes(value))
         self.files: OrderedDict[str, BinaryIO] = OrderedDict()
 
     def get(self, where: Located) -> Any:
-        found = self.items.get(where)
-        if found is not None:
-            self.items.move_to_end(where)
-            return found[0]
-        value = pickle.loads(self._read(where))
-        size = where[2] + _array_bytes(value)
-        while self.items and self.held + size > self.limit:
-            self.held -= self.items.popitem(last=False)[1][1]
-        self.items[where] = (value, size)
-        self.held += size
-        return value
+        return self.kept.get(where, lambda: _load(self._file(where[0]), where))
 
-    def _read(self, where: Located) -> bytes:
-        path, offset, length = where
+    def _file(self, path: str) -> BinaryIO:
         file = self.files.get(path)
         if file is None:
             file = self.files[path] = open(path, "rb")  # noqa: SIM115 (closed in clear)
@@ -131,12 +119,10 @@ class DescribedCache:
                 self.files.popitem(last=False)[1].close()
         else:
             self.files.move_to_end(path)
-        file.seek(offset)
-        return file.read(length)
+        return file
 
     def clear(self) -> None:
-        self.items.clear()
-        self.held = 0
+        self.kept.clear()
         for file in self.files.values():
             file.close()
         self.files.clear()
@@ -144,27 +130,25 @@ class DescribedCache:
 
 def read_entry(where: Located) -> Any:
     """One entry of a store file, read on its own."""
-    path, offset, length = where
-    with open(path, "rb") as file:
-        file.seek(offset)
-        return pickle.loads(file.read(length))
+    with open(where[0], "rb") as file:
+        return _load(file, where)
 
 
-def _array_bytes(value: object) -> int:
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, tuple):
-        return sum(_array_bytes(item) for item in value)
-    if isinstance(value, Described):
-        return _array_bytes(value.plain)
-    return 0
+def _load(file: BinaryIO, where: Located) -> Any:
+    _, offset, length = where
+    file.seek(offset)
+    return pickle.loads(file.read(length))
+
+
+def _entry_bytes(value: object) -> int:
+    """A store entry's arrays (a Described's features, or a mirror's)."""
+    return nbytes(value.plain if isinstance(value, Described) else value)
 
 
 def describe_all(
     orb_features: int,
     candidates: Sequence[tuple[int, int, bool, float, float]],
-    records: Sequence[ImageRecord],
-    out: Path,
+    files: Mapping[int, str],
     pool: WorkerPool,
     store: DescribedStore,
 ) -> None:
@@ -185,10 +169,7 @@ def describe_all(
         chunk = todo[start : start + DESCRIBE_BATCH]
         tasks.append(
             DescribeTask(
-                images=tuple(
-                    (i, str(out / records[i].image.clean_path), plain, mirrored)
-                    for i, plain, mirrored in chunk
-                ),
+                images=tuple((i, files[i], plain, mirrored) for i, plain, mirrored in chunk),
                 orb_features=orb_features,
                 path=store.new_path(),
                 known={i: have[i, False] for i, plain, _ in chunk if not plain},
@@ -215,8 +196,8 @@ def mirror(grey: np.ndarray) -> np.ndarray:
 
 
 def describe_images(task: DescribeTask) -> dict[tuple[int, bool], Located]:
-    """ORB keypoints of each image (and of its mirror when asked) and its dense grey, written
-    to the task's store file; where each went.
+    """ORB keypoints of each image (and of its mirror when asked), written to the task's
+    store file; where each went.
 
     Computed once per image and read by the matching workers, because pairs from nearest
     neighbours scatter over all images and per-batch recomputation cost 16x more.
@@ -252,7 +233,7 @@ def describe_images(task: DescribeTask) -> dict[tuple[int, bool], Located]:
         for index, path, plain, mirrored in task.images:
             stored = read_grey(Path(path))
             grey = for_orb(stored)
-            small = max(stored.shape) < DENSE_SIDE
+            small = upscaled(stored)
             if plain:
                 found, sparse = features(grey, None, small)
                 put(
@@ -272,4 +253,10 @@ def dense_suitable(grey: np.ndarray) -> bool:
     DENSE_MIN_PICTURE of it. An upscaled thumbnail or an object on a plain background has no
     fine detail of its own, only its outline: the dense check merged 45 different plain
     Fashion-MNIST shirts of the demo (28 px) at correlations of 0.90-0.95."""
-    return max(grey.shape) >= DENSE_SIDE and float(picture_mask(grey).mean()) >= DENSE_MIN_PICTURE
+    return not upscaled(grey) and float(picture_mask(grey).mean()) >= DENSE_MIN_PICTURE
+
+
+def upscaled(grey: np.ndarray) -> bool:
+    """Whether this stored image is under DENSE_SIDE on its long side: upscaled, it has no
+    fine detail of its own (neither the dense fallback nor the sparse threshold uses it)."""
+    return max(grey.shape) < DENSE_SIDE

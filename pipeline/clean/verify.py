@@ -36,8 +36,7 @@ method ecc: aligned correlation, mirrored).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,6 +70,7 @@ from pipeline.clean.describe import (
     read_grey,
 )
 from pipeline.clean.embed import content_box, decode_views
+from pipeline.clean.kept import Kept
 from pipeline.clean.neighbours import pair_similarities, view_neighbours
 from pipeline.clean.records import ImageRecord, Match
 from pipeline.clean.verdicts import Key, VerdictLog, verdict_fingerprint
@@ -206,7 +206,7 @@ def orb_pairs(
         verified, reused = verified + len(todo), reused + len(chunk) - len(todo)
         todo.sort()  # pairs of one image in one task: its grey is read once
         # Described as a round first needs them: a rerun describes only new pairs' images.
-        describe_all(settings.orb_features, todo, records, out, pool, store)
+        describe_all(settings.orb_features, todo, files, pool, store)
         tasks = [
             _verify_task(settings, todo[at : at + VERIFY_BATCH], files, store)
             for at in range(0, len(todo), VERIFY_BATCH)
@@ -250,38 +250,12 @@ def _verify_task(
     )
 
 
-class _Kept:
-    """Arrays this worker keeps between tasks, up to ``limit()`` bytes, least recently used out.
-
-    A verify task's pairs share images with the tasks before it: reading the greys again was a
-    quarter of pass 2's time. The details (float32, 4x a grey) have their own, smaller, share:
-    in one store with the greys they pushed greys out, and reading those again cost more than
-    the detail saved (recall set: 3,311 reads of greys; 1,308 with the details apart)."""
-
-    def __init__(self, limit: Callable[[], int]) -> None:
-        self.limit = limit
-        self.arrays: OrderedDict[tuple[str, str, bool], np.ndarray] = OrderedDict()
-        self.held = 0
-
-    def get(self, key: tuple[str, str, bool], make: Callable[[], np.ndarray]) -> np.ndarray:
-        array = self.arrays.get(key)
-        if array is not None:
-            self.arrays.move_to_end(key)
-            return array
-        array = make()
-        while self.arrays and self.held + array.nbytes > self.limit():
-            self.held -= self.arrays.popitem(last=False)[1].nbytes
-        self.arrays[key] = array
-        self.held += array.nbytes
-        return array
-
-    def clear(self) -> None:
-        self.arrays.clear()
-        self.held = 0
-
-
-_greys = _Kept(lambda: GREY_CACHE_BYTES - DETAIL_CACHE_BYTES)
-_details = _Kept(lambda: DETAIL_CACHE_BYTES)
+# A verify task's pairs share images with the tasks before it: reading the greys again was a
+# quarter of pass 2's time. The details (float32, 4x a grey) have their own, smaller, share:
+# in one store with the greys they pushed greys out, and reading those again cost more than
+# the detail saved (recall set: 3,311 reads of greys; 1,308 with the details apart).
+_greys = Kept(lambda: GREY_CACHE_BYTES - DETAIL_CACHE_BYTES)
+_details = Kept(lambda: DETAIL_CACHE_BYTES)
 _described = DescribedCache(DESCRIBED_CACHE_BYTES)
 _run = [""]  # the run whose tasks this worker's caches hold
 
