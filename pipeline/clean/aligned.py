@@ -31,7 +31,7 @@ DETAIL_SIGMA = 4.0  # detail is what a Gaussian blur of this sigma (pixels) remo
 DENSE_SIDE = 128  # long side (pixels) of the images the dense fallback aligns and compares
 DENSE_COARSE_SIDE = 64  # long side of the first, affine, alignment
 DENSE_FINE_SIGMA = 1.5  # dense: detail finer than this blur is resampling noise, not picture
-DENSE_ITERATIONS = 50  # at most, for the coarse affine alignment
+DENSE_ITERATIONS = 20  # at most, for the coarse affine alignment
 DENSE_FINE_ITERATIONS = 20  # at most, for the homography that refines it
 # The refinement is the costly step, so only pairs whose coarse alignment already agrees this
 # well (ECC's correlation coefficient) get it: on bench/clean_recall.py 0.99 of the copies the
@@ -109,10 +109,10 @@ def picture_correlation(
     """``aligned_correlation`` of two ``Picture``s (content inside their content boxes).
 
     A pair whose boxes, one warped onto the other, clearly overlap less than ``min_overlap``
-    is rejected from the geometry alone (``_overlap_bound``), without rasterising masks: on
+    is rejected from the geometry alone (``overlap_bound``), without rasterising masks: on
     bench/clean_throughput.py's photos 2,671 of the 4,564 ORB pairs reaching this step (all
     but 144 of those the pixel test rejects), which cut pass 2's ORB checks by 0.1."""
-    if _overlap_bound(a, b, transform) < min_overlap:
+    if overlap_bound(a, b, transform) < min_overlap:
         return 0.0, 0.0
     mask_a, mask_b = _box_mask(a.grey.shape, a.box), _box_mask(b.grey.shape, b.box)
     covered_b = _covered(a.grey, b.grey, mask_a, mask_b, transform, min_overlap)
@@ -138,8 +138,9 @@ def _covered(
         return None
     covered_b = cv2.warpPerspective(mask_a, transform, (width, height), flags=cv2.INTER_NEAREST)
     covered_a = cv2.warpPerspective(mask_b, inverse, a.shape[::-1], flags=cv2.INTER_NEAREST)
-    overlap_b = (covered_b & mask_b).sum() / max(int(mask_b.sum()), 1)
-    overlap_a = (covered_a & mask_a).sum() / max(int(mask_a.sum()), 1)
+    # Masks hold 0 and 1: a count of the non-zero is their sum, and OpenCV's is 5x numpy's.
+    overlap_b = cv2.countNonZero(covered_b & mask_b) / max(cv2.countNonZero(mask_b), 1)
+    overlap_a = cv2.countNonZero(covered_a & mask_a) / max(cv2.countNonZero(mask_a), 1)
     # Neighbouring crops of one photograph share up to 60% (bench/clean_recall.py); a 10% crop
     # keeps 81% of the original and is wholly inside it.
     if min(overlap_a, overlap_b) < min_overlap:
@@ -158,11 +159,28 @@ def _detail_correlation(
     ``covered`` (uint8); the tiles' 0 when the whole reaches ``enough``."""
     height, width = detail_b.shape
     warped = cv2.warpPerspective(detail_a, transform, (width, height))
-    inside = covered.astype(bool)
-    whole = _correlation(warped[inside], detail_b[inside])
+    if not cv2.countNonZero(covered):
+        return 0.0, 0.0
+    whole = _correlation(warped, detail_b, covered)[0]
     if whole >= enough:
         return whole, 0.0
-    return whole, _median_tile_correlation(warped, detail_b, inside)
+    correlations = []
+    for row in range(TILES):
+        for col in range(TILES):
+            rows = slice(row * height // TILES, (row + 1) * height // TILES)
+            cols = slice(col * width // TILES, (col + 1) * width // TILES)
+            inside = covered[rows, cols]
+            if cv2.countNonZero(inside) < 0.5 * inside.size:
+                continue
+            correlation, spread_x, spread_y = _correlation(
+                warped[rows, cols], detail_b[rows, cols], inside
+            )
+            if spread_x < 1e-3 or spread_y < 1e-3:
+                continue  # a flat tile (background) says nothing
+            correlations.append(correlation)
+    if len(correlations) < MIN_TILES:
+        return whole, 0.0
+    return whole, float(np.median(correlations))
 
 
 def _box_mask(shape: tuple[int, ...], box: tuple[int, int, int, int]) -> np.ndarray:
@@ -172,7 +190,7 @@ def _box_mask(shape: tuple[int, ...], box: tuple[int, int, int, int]) -> np.ndar
     return mask
 
 
-def _overlap_bound(a: Picture, b: Picture, transform: np.ndarray) -> float:
+def overlap_bound(a: Picture, b: Picture, transform: np.ndarray) -> float:
     """An upper bound on the overlap ``_covered`` measures (the lesser share of either box's
     pixels the other, warped, covers), from the boxes' corners alone; 1 when the warp does not
     keep a box a bounded convex quadrilateral. A warped box covers the pixels whose centres
@@ -207,33 +225,18 @@ def _overlap_bound(a: Picture, b: Picture, transform: np.ndarray) -> float:
     return bound
 
 
-def _correlation(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation of two equal-length vectors; 0 when either is flat."""
-    x = x.astype(np.float64) - x.mean()
-    y = y.astype(np.float64) - y.mean()
-    denominator = float(np.sqrt((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / denominator) if denominator > 1e-9 else 0.0
-
-
-def _median_tile_correlation(x: np.ndarray, y: np.ndarray, covered: np.ndarray) -> float:
-    height, width = covered.shape
-    correlations = []
-    for row in range(TILES):
-        for col in range(TILES):
-            window = (
-                slice(row * height // TILES, (row + 1) * height // TILES),
-                slice(col * width // TILES, (col + 1) * width // TILES),
-            )
-            inside = covered[window]
-            if inside.mean() < 0.5:
-                continue
-            tile_x, tile_y = x[window][inside], y[window][inside]
-            if tile_x.std() < 1e-3 or tile_y.std() < 1e-3:
-                continue  # a flat tile (background) says nothing
-            correlations.append(_correlation(tile_x, tile_y))
-    if len(correlations) < MIN_TILES:
-        return 0.0
-    return float(np.median(correlations))
+def _correlation(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
+    """(Pearson correlation, standard deviation of x, of y) of two float32 images over
+    ``mask`` (uint8); the correlation 0 when either is flat. OpenCV's masked sums (double
+    precision) rather than numpy over the masked pixels: 2.5x faster on 256 px detail, equal
+    to within 1e-8."""
+    mean_x, spread_x = cv2.meanStdDev(x, mask=mask)
+    mean_y, spread_y = cv2.meanStdDev(y, mask=mask)
+    sx, sy = float(spread_x[0, 0]), float(spread_y[0, 0])
+    if sx * sy <= 1e-9:
+        return 0.0, sx, sy
+    mean_xy = cv2.mean(cv2.multiply(x, y), mask=mask)[0]
+    return (mean_xy - float(mean_x[0, 0]) * float(mean_y[0, 0])) / (sx * sy), sx, sy
 
 
 def high_pass(grey: np.ndarray) -> np.ndarray:

@@ -147,7 +147,7 @@ def _entry_bytes(value: object) -> int:
 
 def describe_all(
     orb_features: int,
-    candidates: Sequence[tuple[int, int, bool, float, float]],
+    candidates: Sequence[tuple[int, int, int, float, float]],
     files: Mapping[int, str],
     pool: WorkerPool,
     store: DescribedStore,
@@ -156,8 +156,9 @@ def describe_all(
     mirror of every image a pair compares mirrored that it lacks."""
     needed: dict[int, bool] = {}
     for i, j, flip, *_ in candidates:
-        needed.setdefault(i, False)
-        needed[j] = needed.get(j, False) or flip
+        # flip: 0 neither is compared mirrored, 1 j is, 2 i is (verify.py's Candidate)
+        needed[i] = needed.get(i, False) or flip == 2
+        needed[j] = needed.get(j, False) or flip == 1
     have = store.located
     todo = [
         (i, (i, False) not in have, mirrored and (i, True) not in have)

@@ -28,7 +28,7 @@ from pipeline.resume import fingerprint
 
 VERDICTS = ".verdicts.jsonl"
 # Bump when verify.py or aligned.py judge a pair differently for the same images and settings.
-VERDICT_VERSION = 2
+VERDICT_VERSION = 3
 
 Key = tuple[str, str, bool]  # first image's sha256, second's, compared mirrored first
 

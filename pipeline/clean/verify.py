@@ -36,6 +36,7 @@ method ecc: aligned correlation, mirrored).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from pipeline.clean.aligned import (
     dense_picture,
     dense_transform,
     high_pass,
+    overlap_bound,
     picture_correlation,
     spread,
 )
@@ -100,6 +102,13 @@ DENSE_SPARSE_MIN_SIMILARITY = 0.9
 # cut pass 2 by 0.14 there.
 PREFILTER_KEYPOINTS = 100
 PREFILTER_MATCHES = 3
+# A perspective copy's similarity fit already covers nearly as much as its homography: on
+# bench/clean_throughput.py's photos and bench/clean_recall.py every pair the homography
+# confirmed overlapped ≥ 0.71 under its similarity (overlap_bound), while 0.63 (photos) of the
+# homographies fitted were for pairs whose similarity overlapped under 0.6, which it did not
+# confirm. So no homography is fitted when the similarity overlaps less than this below
+# orb_min_overlap.
+HOMOGRAPHY_OVERLAP_SLACK = 0.1
 # What _aligned says of a pair it lined up (a RANSAC transform with enough inliers, spread
 # over the picture, at a sane scale) that then failed the overlap or the correlation test.
 LINED_UP = "lined up"
@@ -110,8 +119,10 @@ DETAIL_CACHE_BYTES = 16 * 2**20
 DESCRIBED_CACHE_BYTES = 256 * 2**20  # and the describe store's entries it read
 
 Edge = tuple[int, int]
-# i, j, compare j mirrored first, similarity that way, similarity the other way
-Candidate = tuple[int, int, bool, float, float]
+# i, j, which is compared mirrored first (PLAIN: neither), similarity that way, similarity the
+# other way
+Candidate = tuple[int, int, int, float, float]
+PLAIN, MIRROR_J, MIRROR_I = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -168,7 +179,13 @@ def orb_pairs(
     similarity, other = np.where(flip, mirrored, plain), np.where(flip, plain, mirrored)
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -similarity)) if len(pairs) else []
     candidates: list[Candidate] = [
-        (int(pairs[n, 0]), int(pairs[n, 1]), bool(flip[n]), float(similarity[n]), float(other[n]))
+        (
+            int(pairs[n, 0]),
+            int(pairs[n, 1]),
+            MIRROR_J if flip[n] else PLAIN,
+            float(similarity[n]),
+            float(other[n]),
+        )
         for n in order
     ]
     settings = VerifySettings.from_config(cfg)
@@ -181,7 +198,7 @@ def orb_pairs(
     shas = [record.image.sha256 for record in records]
 
     def key(pair: Candidate) -> Key:
-        return shas[pair[0]], shas[pair[1]], pair[2]
+        return shas[pair[0]], shas[pair[1]], pair[2] != PLAIN
 
     store = DescribedStore(out)
     store.reset()
@@ -205,6 +222,7 @@ def orb_pairs(
                 found.append((pair[0], pair[1], match))
         verified, reused = verified + len(todo), reused + len(chunk) - len(todo)
         todo.sort()  # pairs of one image in one task: its grey is read once
+        todo = _mirror_sides(todo, {i for i, mirrored in store.located if mirrored})
         # Described as a round first needs them: a rerun describes only new pairs' images.
         describe_all(settings.orb_features, todo, files, pool, store)
         tasks = [
@@ -233,6 +251,37 @@ def orb_pairs(
     return confirmed, counts
 
 
+def _mirror_sides(pairs: list[Candidate], mirrored: set[int]) -> list[Candidate]:
+    """``pairs`` with each one compared mirrored first mirroring whichever of its two
+    images (i mirrored onto j is j mirrored onto i) keeps the mirrors to describe few:
+    one already described (``mirrored``), else a greedy vertex cover of the pairs left
+    (most pairs first, then the lower index). On bench/clean_throughput.py's photos the
+    1,099 mirrors that mirroring j described became 633, for the same comparisons."""
+    adjacent: dict[int, set[int]] = {}
+    for i, j, flip, *_ in pairs:
+        if flip != PLAIN and i not in mirrored and j not in mirrored:
+            adjacent.setdefault(i, set()).add(j)
+            adjacent.setdefault(j, set()).add(i)
+    chosen = set(mirrored)
+    heap = [(-len(others), image) for image, others in adjacent.items()]
+    heapq.heapify(heap)
+    while heap:
+        degree, image = heapq.heappop(heap)
+        others = adjacent[image]
+        if -degree != len(others):  # stale: some of its pairs are covered already
+            if others:
+                heapq.heappush(heap, (-len(others), image))
+            continue
+        chosen.add(image)
+        for other in others:
+            adjacent[other].discard(image)
+        others.clear()
+    return [
+        (i, j, MIRROR_I if flip != PLAIN and j not in chosen else flip, similarity, other)
+        for i, j, flip, similarity, other in pairs
+    ]
+
+
 def _verify_task(
     settings: VerifySettings,
     pairs: list[Candidate],
@@ -240,7 +289,7 @@ def _verify_task(
     store: DescribedStore,
 ) -> VerifyTask:
     needed = {(i, False) for pair in pairs for i in pair[:2]}
-    needed |= {(j, True) for _, j, flip, *_ in pairs if flip}
+    needed |= {(_mirrored(i, j, flip), True) for i, j, flip, *_ in pairs if flip != PLAIN}
     return VerifyTask(
         pairs=tuple(pairs),
         files={i: files[i] for i, _ in needed},
@@ -320,14 +369,17 @@ def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
     faiss.omp_set_num_threads(1)
     try:
         for i, j, flip, similarity, other in task.pairs:
-            match = _verify_pair(task, i, j, flip, similarity)
-            if match is None and flip:
+            match = None
+            if flip != PLAIN:
+                plain = _mirrored_onto(i, j, flip)
+                match = _verify_pair(task, plain, _mirrored(i, j, flip), True, similarity)
+            if match is None:
                 # Thumbnails say little about which way round two crops of one photo are
                 # (plain 0.0 vs mirrored 0.5 for ORB-confirmed crops of
                 # bench/clean_throughput.py's photos), so a pair is always compared as it is;
                 # mirrored only when its mirror's thumbnails are the closer (a flipped copy's
                 # are, by far).
-                match = _verify_pair(task, i, j, False, other)
+                match = _verify_pair(task, i, j, False, other if flip != PLAIN else similarity)
             if match is not None:
                 confirmed.append((i, j, match))
     finally:
@@ -335,8 +387,18 @@ def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
     return confirmed
 
 
+def _mirrored(i: int, j: int, flip: int) -> int:
+    """The image of pair (i, j) compared mirrored first."""
+    return i if flip == MIRROR_I else j
+
+
+def _mirrored_onto(i: int, j: int, flip: int) -> int:
+    """The image the mirrored one is compared with."""
+    return j if flip == MIRROR_I else i
+
+
 def _verify_pair(task: VerifyTask, i: int, j: int, flip: bool, similarity: float) -> Match | None:
-    """The evidence that i and j (mirrored if ``flip``) are one picture, or None."""
+    """The evidence that i and j (j mirrored if ``flip``) are one picture, or None."""
     settings = task.settings
     first: Described = _described.get(task.store[i, False])
     second: Described = _described.get(task.store[j, False])
@@ -392,12 +454,24 @@ def _dense(
     return best if best >= bar else None
 
 
-def _two_nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hamming distances to, and indices of, each row of ``a``'s two nearest rows of ``b``
-    (ORB descriptors, 32 bytes each). faiss's knn_hamming: 2-4x faster than OpenCV's
-    ``batchDistance`` on 100-500 descriptors (bench/clean_matching.py), same distances."""
-    distances, nearest = faiss.knn_hamming(a, b, 2)
-    return distances, nearest
+def _two_nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hamming distances to each row of ``a``'s nearest and second-nearest rows of ``b`` (ORB
+    descriptors, 32 bytes each), and the nearest's index. All distances from faiss's
+    ``hammings``, then the two smallest per row: 0.55x the time of faiss's ``knn_hamming``
+    heap search for 500 descriptors (bench/clean_matching.py), which was 3x faster than
+    OpenCV's ``batchDistance``; the same distances, and the same nearest wherever the ratio
+    test can pass (no tie)."""
+    rows, columns = len(a), len(b)
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    distances = np.empty((rows, columns), np.int32)
+    faiss.hammings(
+        faiss.swig_ptr(a), faiss.swig_ptr(b), rows, columns, a.shape[1], faiss.swig_ptr(distances)
+    )
+    nearest = distances.argmin(axis=1)
+    every = np.arange(rows)
+    first = distances[every, nearest]
+    distances[every, nearest] = np.iinfo(np.int32).max
+    return first, distances.min(axis=1), nearest
 
 
 def _ratio_matches(
@@ -408,16 +482,16 @@ def _ratio_matches(
     if descriptors_a is None or descriptors_b is None or len(points_a) < 2 or len(points_b) < 2:
         return None
     if min(len(points_a), len(points_b)) > PREFILTER_KEYPOINTS:
-        strongest, _ = _two_nearest(
+        first, second, _ = _two_nearest(
             descriptors_a[:PREFILTER_KEYPOINTS], descriptors_b[:PREFILTER_KEYPOINTS]
         )
-        if int((strongest[:, 0] < settings.orb_ratio * strongest[:, 1]).sum()) < PREFILTER_MATCHES:
+        if int((first < settings.orb_ratio * second).sum()) < PREFILTER_MATCHES:
             return None
-    distances, nearest = _two_nearest(descriptors_a, descriptors_b)
-    good = distances[:, 0] < settings.orb_ratio * distances[:, 1]
+    first, second, nearest = _two_nearest(descriptors_a, descriptors_b)
+    good = first < settings.orb_ratio * second
     if int(good.sum()) < settings.min_inliers:
         return None
-    return points_a[good], points_b[nearest[good, 0]]
+    return points_a[good], points_b[nearest[good]]
 
 
 def _aligned(
@@ -457,12 +531,17 @@ def _aligned(
             return inliers, tiles
         return None
 
-    found = verdict(np.vstack([similarity, [0, 0, 1]]), int(mask.sum()))
+    transform = np.vstack([similarity, [0, 0, 1]])
+    found = verdict(transform, int(mask.sum()))
     if found is not None:
         return found
     # The homography only when the similarity fails (perspective): computing it for every
     # RANSAC-passing pair was 3% of pass 2 on bench/clean_throughput.py's photos. OpenCV's
     # RANSAC seeds its generator afresh on every call, so skipping one changes no other result.
+    # And not when the similarity's overlap is far short (``HOMOGRAPHY_OVERLAP_SLACK``):
+    # overlapping crops of one photograph, which a homography does not make overlap more.
+    if overlap_bound(a, b, transform) < settings.min_overlap - HOMOGRAPHY_OVERLAP_SLACK:
+        return LINED_UP
     homography, hmask = cv2.findHomography(src, dst, cv2.RANSAC, 5.0, maxIters=500)
     if homography is None or hmask is None or int(hmask.sum()) < settings.min_inliers:
         return LINED_UP
