@@ -70,8 +70,12 @@ def atomic_write_json(path: Path | str, obj: Any) -> Path:
 
 def write_jsonl(path: Path | str, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write rows as JSON lines, atomically."""
-    lines = [json.dumps(dict(r), sort_keys=True, default=str) for r in rows]
-    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return atomic_write_text(path, "".join(json_line(r) + "\n" for r in rows))
+
+
+def json_line(row: Mapping[str, Any]) -> str:
+    """One row as a JSON line (without its newline), keys sorted, as write_jsonl writes it."""
+    return json.dumps(dict(row), sort_keys=True, default=str)
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from pipeline.clean.decode import DecodeSettings, DecodeTask, analyse_batch
 from pipeline.clean.embed import CENTRE, EMBEDDING_SIDE, VIEWS
 from pipeline.clean.records import Analysis, RawImage
 from pipeline.clean.workers import WorkerPool
-from pipeline.files import write_jsonl
+from pipeline.files import json_line, write_jsonl
 from pipeline.resume import fingerprint
 
 ANALYSIS = ".analysis.jsonl"
@@ -96,12 +96,17 @@ def analyse_all(
 
 def append_log(log: Path, entries: list[dict]) -> None:
     """Append JSON lines with one fsync; a kill mid-write leaves a torn last line, ignored."""
+    append_lines(log, [json_line(entry) for entry in entries])
+
+
+def append_lines(log: Path, lines: list[str]) -> None:
+    """``append_log`` of lines already encoded (``files.json_line``)."""
     with open(log, "a+", encoding="utf-8") as fh:
         if fh.tell() > 0:
             fh.seek(fh.tell() - 1)
             if fh.read(1) != "\n":
                 fh.write("\n")  # end a line torn by a kill, so it stays one bad line
-        fh.write("".join(json.dumps(e, sort_keys=True, default=str) + "\n" for e in entries))
+        fh.write("".join(line + "\n" for line in lines))
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -21,9 +21,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.clean.analysis import append_log
+from pipeline.clean.analysis import append_lines
 from pipeline.clean.records import Match
-from pipeline.files import write_jsonl
+from pipeline.files import atomic_write_text, json_line
 from pipeline.resume import fingerprint
 
 VERDICTS = ".verdicts.jsonl"
@@ -48,11 +48,14 @@ class VerdictLog:
         self.fp = fp
         self._known: dict[Key, Match | None] = {}
         self._used: dict[Key, Match | None] = {}
+        # Each verdict's log line, encoded once: compact writes the lines again.
+        self._lines: dict[Key, str] = {}
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 entry = _entry(line, fp)
                 if entry is not None:
                     self._known[entry[0]] = entry[1]
+                    self._lines[entry[0]] = line
 
     def get(self, key: Key) -> tuple[bool, Match | None]:
         """(known, verdict): the earlier run's verdict of ``key`` if there is one."""
@@ -63,18 +66,18 @@ class VerdictLog:
 
     def add(self, verdicts: Iterable[tuple[Key, Match | None]]) -> None:
         """Record this round's verdicts, appended to the log at once."""
-        entries = []
+        lines = []
         for key, match in verdicts:
             self._known[key] = self._used[key] = match
-            entries.append(_to_json(key, match, self.fp))
-        if entries:
-            append_log(self.path, entries)
+            self._lines[key] = json_line(_to_json(key, match, self.fp))
+            lines.append(self._lines[key])
+        if lines:
+            append_lines(self.path, lines)
 
     def compact(self) -> None:
         """Rewrite the log with the verdicts this run used or made, sorted: a rerun that judges
         nothing new writes the same bytes, so DVC sees data/clean unchanged."""
-        used = sorted(self._used.items(), key=lambda item: item[0])
-        write_jsonl(self.path, (_to_json(key, match, self.fp) for key, match in used))
+        atomic_write_text(self.path, "".join(self._lines[key] + "\n" for key in sorted(self._used)))
 
 
 def _to_json(key: Key, match: Match | None, fp: str) -> dict[str, Any]:
