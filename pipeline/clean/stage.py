@@ -226,7 +226,7 @@ def _matched_pairs(
     if cfg.second_pass and len(candidates) > 1:
         # Imported here: pass 2's modules (faiss, SciPy's clustering) cost a run without it
         # a tenth of a second.
-        from pipeline.clean.verify import orb_pairs
+        from pipeline.clean.rounds import orb_pairs
 
         confirmed, orb_counts = orb_pairs(cfg, candidates, set(pairs.edges), out, pool)
         for i, j, match in confirmed:

@@ -1,50 +1,38 @@
-"""Pass 2: crops, rotations, perspective and watermarks that pHash misses, proposed by
-neighbours and proven by ORB (or, on low-texture pictures, by dense alignment).
+"""Pass 2's verification, on the workers: are two images, proposed by rounds.py, one picture?
 
-Consumes the normalised images in data/clean, their view embeddings (embed.py, from the
-decode workers) and the pairs the earlier passes already matched. Produces the confirmed pairs
+Consumes a ``VerifyTask``: candidate pairs, where the run's ``describe.DescribedStore`` put each
+image's ORB keypoints, and the normalised images in data/clean. Produces the confirmed pairs
 (i < j), each with a ``Match`` (method orb: RANSAC inliers, aligned correlation, mirrored;
 method ecc: aligned correlation, mirrored).
 
-1. ``view_neighbours`` (neighbours.py): each image's k nearest neighbours per view (mirrored
-   views queried too), with the cosine similarity of the pair as is and mirrored; pairs
-   already matched directly are skipped. A pair is compared as it is, and first mirrored
-   when its mirror's thumbnails are the closer.
-2. With ``duplicate_groups: connected``, pairs are verified most similar first, in rounds
-   of ``ROUND`` pairs, and a pair whose images an earlier round (or pass 1) already put in one
-   group is not verified at all: it could not change any group. The rounds do not depend on
-   the number of workers, so the output does not either.
-3. ``describe.describe_images`` (workers): ORB keypoints of every image a pair needs (and of its
-   mirror, when a pair needs that), computed once from one read of the file; left in the
-   run's ``describe.DescribedStore``.
-4. ``verify_pairs`` (workers): ratio-test matches (after a quick look at the strongest
-   ``PREFILTER_KEYPOINTS`` of each image), a RANSAC similarity transform (a
-   homography when the similarity does not line the pictures up: perspective) with enough
-   inliers; then the two must overlap on at least ``orb_min_overlap`` of each one's content
-   (so overlapping crops of one photograph stay apart), and their fine detail, once aligned,
-   must correlate by at least ``orb_min_correlation`` over the overlap, or halfway from there
-   to 1 in the median of 4 × 4 tiles (so a watermark over a strip does not hide a copy).
-   When ORB could not line the two up and either is sparse (under
-   ``describe.SPARSE_KEYPOINTS`` keypoints at ORB's default threshold: sky, cells, a smooth
-   clock face; with ``dense_fallback: false`` only when either has under that many even at
-   the sparse threshold), the embeddings are at least ``DENSE_MIN_SIMILARITY`` alike and
-   both images suit it (``describe.dense_suitable``), ``aligned.dense_transform`` aligns the
-   two by ECC instead; the same overlap test and a stricter correlation bar (halfway from
-   ``orb_min_correlation`` to 1) decide, on detail with the fill of rotated corners and
-   letterbox bars left out (aligned.py).
+``verify_pairs``: ratio-test matches (after a quick look at the strongest
+``PREFILTER_KEYPOINTS`` of each image), a RANSAC similarity transform (a homography when the
+similarity does not line the pictures up: perspective) with enough inliers; then the two must
+overlap on at least ``orb_min_overlap`` of each one's content (so overlapping crops of one
+photograph stay apart), and their fine detail, once aligned, must correlate by at least
+``orb_min_correlation`` over the overlap, or halfway from there to 1 in the median of 4 × 4
+tiles (so a watermark over a strip does not hide a copy). When ORB could not line the two up
+and either is sparse (under ``describe.SPARSE_KEYPOINTS`` keypoints at ORB's default
+threshold: sky, cells, a smooth clock face; with ``dense_fallback: false`` only when either has
+under that many even at the sparse threshold), the embeddings are at least
+``DENSE_MIN_SIMILARITY`` alike and both images suit it (``describe.dense_suitable``),
+``aligned.dense_transform`` aligns the two by ECC instead; the same overlap test and a stricter
+correlation bar (halfway from ``orb_min_correlation`` to 1) decide, on detail with the fill of
+rotated corners and letterbox bars left out (aligned.py).
+
+A worker imports this module (and not rounds.py's SciPy, pydantic and log code: 0.5 CPU-s per
+worker process).
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import faiss
 import numpy as np
-from scipy.cluster.hierarchy import DisjointSet
 
 from pipeline.clean.aligned import (
     Picture,
@@ -56,36 +44,24 @@ from pipeline.clean.aligned import (
     picture_correlation,
     spread,
 )
-from pipeline.clean.analysis import analysis_fingerprint
-from pipeline.clean.decode import DecodeSettings
 from pipeline.clean.describe import (
     SPARSE_KEYPOINTS,
     Described,
     DescribedCache,
-    DescribedStore,
     Features,
     Located,
     dense_suitable,
-    describe_all,
     for_orb,
     mirror,
     read_grey,
 )
-from pipeline.clean.embed import content_box, decode_views
+from pipeline.clean.embed import content_box
 from pipeline.clean.kept import Kept
-from pipeline.clean.neighbours import pair_similarities, view_neighbours
-from pipeline.clean.records import ImageRecord, Match
-from pipeline.clean.verdicts import Key, VerdictLog, verdict_fingerprint
-from pipeline.clean.workers import WorkerPool
-from pipeline.config import CleanConfig
+from pipeline.clean.records import Match
 
-VERIFY_BATCH = 128  # pairs per verify task
-# A pair is compared mirrored first only when its mirror's thumbnails are at least this alike:
-# on the throughput bench's photos 14k of 21k mirrored comparisons were of pairs below 0.7 and
-# none confirmed; on bench/clean_recall.py those below 0.6 confirmed nothing the plain way or
-# another pair did not (same recall), for 5-9 % less pass 2.
-MIRROR_MIN_SIMILARITY = 0.6
-ROUND = 2048  # pairs verified between two transitivity checks (connected groups)
+if TYPE_CHECKING:
+    from pipeline.config import CleanConfig
+
 # The dense fallback runs only on pairs whose thumbnails are this alike (cosine): it is the
 # costlier check (3 ms a pair); on bench/clean_recall.py 0.95 of the copies it confirmed are
 # above 0.85.
@@ -118,7 +94,6 @@ GREY_CACHE_BYTES = 128 * 2**20
 DETAIL_CACHE_BYTES = 16 * 2**20
 DESCRIBED_CACHE_BYTES = 256 * 2**20  # and the describe store's entries it read
 
-Edge = tuple[int, int]
 # i, j, which is compared mirrored first (PLAIN: neither), similarity that way, similarity the
 # other way
 Candidate = tuple[int, int, int, float, float]
@@ -157,148 +132,6 @@ class VerifyTask:
     run: str  # this run's DescribedStore folder: what a worker keeps from other runs is stale
 
 
-def orb_pairs(
-    cfg: CleanConfig,
-    records: Sequence[ImageRecord],
-    matched: set[Edge],
-    out: Path,
-    pool: WorkerPool,
-) -> tuple[list[tuple[int, int, Match]], dict[str, int]]:
-    """Confirmed pairs among neighbours not already ``matched``, sorted, and the counts of
-    candidates, pairs verified and pairs confirmed (by ORB and by dense alignment)."""
-    views = np.stack([decode_views(r.image.embedding) for r in records])
-    mirrors = np.stack([decode_views(r.image.mirror_embedding) for r in records])
-    pairs = view_neighbours(
-        views, mirrors, cfg.second_pass_neighbours, cfg.second_pass_min_similarity
-    )
-    # Pairs the cheap passes already joined need no geometric proof.
-    keep = [(int(i), int(j)) not in matched for i, j in pairs]
-    pairs = pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
-    plain, mirrored = pair_similarities(views, mirrors, pairs)
-    flip = (mirrored > plain) & (mirrored >= MIRROR_MIN_SIMILARITY)
-    similarity, other = np.where(flip, mirrored, plain), np.where(flip, plain, mirrored)
-    order = np.lexsort((pairs[:, 1], pairs[:, 0], -similarity)) if len(pairs) else []
-    candidates: list[Candidate] = [
-        (
-            int(pairs[n, 0]),
-            int(pairs[n, 1]),
-            MIRROR_J if flip[n] else PLAIN,
-            float(similarity[n]),
-            float(other[n]),
-        )
-        for n in order
-    ]
-    settings = VerifySettings.from_config(cfg)
-    verdicts = VerdictLog(
-        out,
-        verdict_fingerprint(
-            analysis_fingerprint(DecodeSettings.from_config(cfg)), asdict(settings)
-        ),
-    )
-    shas = [record.image.sha256 for record in records]
-
-    def key(pair: Candidate) -> Key:
-        return shas[pair[0]], shas[pair[1]], pair[2] != PLAIN
-
-    store = DescribedStore(out)
-    store.reset()
-    files = {i: str(out / record.image.clean_path) for i, record in enumerate(records)}
-    transitive = cfg.duplicate_groups == "connected"
-    joined = DisjointSet(range(len(records)))
-    for i, j in matched:
-        joined.merge(i, j)
-    confirmed: list[tuple[int, int, Match]] = []
-    verified = reused = 0
-    for start in range(0, len(candidates), ROUND):
-        chunk = candidates[start : start + ROUND]
-        if transitive:
-            chunk = [pair for pair in chunk if not joined.connected(pair[0], pair[1])]
-        found, todo = [], []
-        for pair in chunk:
-            known, match = verdicts.get(key(pair))
-            if not known:
-                todo.append(pair)
-            elif match is not None:
-                found.append((pair[0], pair[1], match))
-        verified, reused = verified + len(todo), reused + len(chunk) - len(todo)
-        todo.sort()  # pairs of one image in one task: its grey is read once
-        todo = _mirror_sides(todo, {i for i, mirrored in store.located if mirrored})
-        # Described as a round first needs them: a rerun describes only new pairs' images.
-        describe_all(settings.orb_features, todo, files, pool, store)
-        tasks = [
-            _verify_task(settings, todo[at : at + VERIFY_BATCH], files, store)
-            for at in range(0, len(todo), VERIFY_BATCH)
-        ]
-        new = [
-            f for batch in pool.map(verify_pairs, tasks, "clean: verify", "batch") for f in batch
-        ]
-        matches = {(a, b): match for a, b, match in new}
-        verdicts.add((key(pair), matches.get((pair[0], pair[1]))) for pair in todo)
-        for a, b, match in sorted(found + new, key=lambda item: item[:2]):
-            joined.merge(a, b)
-            confirmed.append((a, b, match))
-    verdicts.compact()
-    store.remove()
-    _clear_kept()  # what an inline run (one worker) kept in this process
-    confirmed.sort(key=lambda pair: pair[:2])
-    counts = {
-        "orb_candidates": len(candidates),
-        "orb_verified": verified,
-        "verdicts_reused": reused,
-        "orb_confirmed": sum(1 for *_, m in confirmed if m.method == "orb"),
-        "ecc_confirmed": sum(1 for *_, m in confirmed if m.method == "ecc"),
-    }
-    return confirmed, counts
-
-
-def _mirror_sides(pairs: list[Candidate], mirrored: set[int]) -> list[Candidate]:
-    """``pairs`` with each one compared mirrored first mirroring whichever of its two
-    images (i mirrored onto j is j mirrored onto i) keeps the mirrors to describe few:
-    one already described (``mirrored``), else a greedy vertex cover of the pairs left
-    (most pairs first, then the lower index). On bench/clean_throughput.py's photos the
-    1,099 mirrors that mirroring j described became 633, for the same comparisons."""
-    adjacent: dict[int, set[int]] = {}
-    for i, j, flip, *_ in pairs:
-        if flip != PLAIN and i not in mirrored and j not in mirrored:
-            adjacent.setdefault(i, set()).add(j)
-            adjacent.setdefault(j, set()).add(i)
-    chosen = set(mirrored)
-    heap = [(-len(others), image) for image, others in adjacent.items()]
-    heapq.heapify(heap)
-    while heap:
-        degree, image = heapq.heappop(heap)
-        others = adjacent[image]
-        if -degree != len(others):  # stale: some of its pairs are covered already
-            if others:
-                heapq.heappush(heap, (-len(others), image))
-            continue
-        chosen.add(image)
-        for other in others:
-            adjacent[other].discard(image)
-        others.clear()
-    return [
-        (i, j, MIRROR_I if flip != PLAIN and j not in chosen else flip, similarity, other)
-        for i, j, flip, similarity, other in pairs
-    ]
-
-
-def _verify_task(
-    settings: VerifySettings,
-    pairs: list[Candidate],
-    files: dict[int, str],
-    store: DescribedStore,
-) -> VerifyTask:
-    needed = {(i, False) for pair in pairs for i in pair[:2]}
-    needed |= {(_mirrored(i, j, flip), True) for i, j, flip, *_ in pairs if flip != PLAIN}
-    return VerifyTask(
-        pairs=tuple(pairs),
-        files={i: files[i] for i, _ in needed},
-        settings=settings,
-        store={key: store.located[key] for key in needed},
-        run=str(store.root),
-    )
-
-
 # A verify task's pairs share images with the tasks before it: reading the greys again was a
 # quarter of pass 2's time. The details (float32, 4x a grey) have their own, smaller, share:
 # in one store with the greys they pushed greys out, and reading those again cost more than
@@ -309,7 +142,8 @@ _described = DescribedCache(DESCRIBED_CACHE_BYTES)
 _run = [""]  # the run whose tasks this worker's caches hold
 
 
-def _clear_kept() -> None:
+def clear_kept() -> None:
+    """Forget what this process kept of a run (an inline run's caller, at its end)."""
     _greys.clear()
     _details.clear()
     _described.clear()
@@ -363,7 +197,7 @@ def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
     if task.run != _run[0]:
         # A long-lived (Dask) worker's greys and descriptions of an earlier run: a re-crawl
         # may have rewritten an image at the same path.
-        _clear_kept()
+        clear_kept()
         _run[0] = task.run
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
@@ -372,7 +206,7 @@ def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
             match = None
             if flip != PLAIN:
                 plain = _mirrored_onto(i, j, flip)
-                match = _verify_pair(task, plain, _mirrored(i, j, flip), True, similarity)
+                match = _verify_pair(task, plain, mirrored_image(i, j, flip), True, similarity)
             if match is None:
                 # Thumbnails say little about which way round two crops of one photo are
                 # (plain 0.0 vs mirrored 0.5 for ORB-confirmed crops of
@@ -387,7 +221,7 @@ def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
     return confirmed
 
 
-def _mirrored(i: int, j: int, flip: int) -> int:
+def mirrored_image(i: int, j: int, flip: int) -> int:
     """The image of pair (i, j) compared mirrored first."""
     return i if flip == MIRROR_I else j
 
