@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from test_clean import config, encode, run
+from test_clean import config, encode, photo, run
 
 from pipeline.clean import aligned
 from pipeline.clean.describe import SPARSE_KEYPOINTS
@@ -26,9 +26,7 @@ def low_texture(
     rng = np.random.default_rng(seed)
     coarse = rng.normal(0, 1, (5, 5)).astype(np.float32)
     shade = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
-    grain = cv2.GaussianBlur(
-        rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), grain_sigma
-    )
+    grain = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), grain_sigma)
     grey = 128 + 25 * shade / np.abs(shade).max() + grain_level * grain / grain.std()
     return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
 
@@ -170,3 +168,31 @@ def test_pass_2_leaves_no_scratch_files_and_clears_a_killed_runs(tmp_path: Path)
     assert not (out / ".pass2").exists()
     groups = groups_by_path(out)
     assert groups["sky/original.png"] == groups["sky/crop.png"]
+
+
+def test_flipped_crops_join_their_original_whichever_image_is_mirrored(tmp_path: Path) -> None:
+    """Two flipped, cropped or rotated copies of one photo: both of their pairs with the
+    original are compared mirrored first, and the original, the one image they share, is the
+    one described mirrored (rounds._mirror_sides); the copies still join it, mirrored."""
+    image = photo(31, 256)
+    flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    files = [
+        ("cat", "a-original.png", encode(image)),
+        ("cat", "b-flipped-crop.png", encode(flipped.crop((24, 0, 256, 256)))),
+        (
+            "cat",
+            "c-flipped-rotated.png",
+            encode(flipped.rotate(8, resample=Image.Resampling.BICUBIC)),
+        ),
+    ]
+    files += [("cat", f"other{n}.png", encode(photo(200 + n, 256))) for n in range(4)]
+
+    _, out = run(tmp_path, files, config(near_duplicates="group"))
+
+    groups = groups_by_path(out)
+    assert groups["cat/b-flipped-crop.png"] == groups["cat/a-original.png"]
+    assert groups["cat/c-flipped-rotated.png"] == groups["cat/a-original.png"]
+    assert len({groups[f"cat/other{n}.png"] for n in range(4)}) == 4
+    edges = [e for g in read_jsonl(out / "groups.jsonl") for e in g["edges"]]
+    mirrored = {(e["a"], e["b"]) for e in edges if e["method"] == "orb" and e["mirrored"]}
+    assert ("cat/a-original.png", "cat/c-flipped-rotated.png") in mirrored
