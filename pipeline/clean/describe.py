@@ -186,10 +186,16 @@ def read_grey(path: Path) -> np.ndarray:
 
 
 def for_orb(grey: np.ndarray) -> np.ndarray:
-    scale = ORB_SIDE / max(grey.shape)
-    if scale > 1:
+    """``grey`` as ORB sees it: upscaled to ORB_SIDE when smaller (``orb_upscales``), else
+    itself."""
+    if orb_upscales(grey):
+        scale = ORB_SIDE / max(grey.shape)
         grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
     return grey
+
+
+def orb_upscales(grey: np.ndarray) -> bool:
+    return max(grey.shape) < ORB_SIDE
 
 
 def mirror(grey: np.ndarray) -> np.ndarray:

@@ -53,6 +53,7 @@ from pipeline.clean.describe import (
     dense_suitable,
     for_orb,
     mirror,
+    orb_upscales,
     read_grey,
 )
 from pipeline.clean.embed import content_box
@@ -156,7 +157,7 @@ def _picture(path: str, mirrored: bool) -> Picture:
     kept once asked for. Recomputing box and detail for every pair was 0.4 of the aligned
     correlation's time (throughput photos); a mirror is made afresh (a copy is cheap), so it
     takes no room from the greys."""
-    grey = _greys.get((path, "grey", False), lambda: for_orb(read_grey(Path(path))))
+    grey = _orb_grey(path)
     if mirrored:
         grey = mirror(grey)
     box = _greys.get((path, "box", mirrored), lambda: np.array(content_box(grey)))
@@ -168,13 +169,28 @@ def _picture(path: str, mirrored: bool) -> Picture:
     )
 
 
+def _stored_grey(path: str) -> np.ndarray:
+    """The normalised image at ``path`` in grey, as stored, kept in this worker: the ORB grey
+    of most images and what the dense fallback starts from (reading it again for that was a
+    quarter of this worker's reads on bench/clean_throughput.py's photos)."""
+    return _greys.get((path, "stored", False), lambda: read_grey(Path(path)))
+
+
+def _orb_grey(path: str) -> np.ndarray:
+    """``describe.for_orb`` of the stored grey, kept apart only when it is an upscale."""
+    stored = _stored_grey(path)
+    if not orb_upscales(stored):
+        return stored
+    return _greys.get((path, "grey", False), lambda: for_orb(stored))
+
+
 def _dense_picture(path: str) -> tuple[np.ndarray, np.ndarray] | None:
     """What the dense fallback aligns of the image at ``path`` (``aligned.dense_picture``:
     small grey, picture mask), or None when it may not judge it (``describe.dense_suitable``);
     made when a pair first needs it and kept in this worker (most images never do)."""
 
     def make() -> np.ndarray:
-        stored = read_grey(Path(path))
+        stored = _stored_grey(path)
         if not dense_suitable(stored):
             return np.zeros(0, np.uint8)
         return np.stack(dense_picture(for_orb(stored)))
