@@ -43,9 +43,13 @@ Where each behaviour lives:
 - ``neighbours.py`` — pass 2's proposal: nearest neighbours per view in a faiss index.
 - ``describe.py``  — (worker) pass 2's per-image half: ORB keypoints (and the mirror's), once
                      per image, in a per-run file store the verify workers read.
-- ``verify.py``    — pass 2: neighbours confirmed by ORB + RANSAC (similarity or homography),
-                     overlap of both pictures, and median tile correlation once aligned; or,
-                     on low-texture pictures, by dense ECC alignment (``aligned.py``).
+- ``rounds.py``    — pass 2's rounds (stage process): candidate pairs, which image of a
+                     mirrored pair is mirrored, rounds with transitivity, the verdict log,
+                     describe and verify tasks.
+- ``verify.py``    — (worker) pass 2: neighbours confirmed by ORB + RANSAC (similarity or
+                     homography), overlap of both pictures, and median tile correlation once
+                     aligned; or, on low-texture pictures, by dense ECC alignment
+                     (``aligned.py``).
 - ``kept.py``      — (worker) the byte-bounded LRU store verify.py and describe.py keep in.
 - ``verdicts.py``  — pass 2's verdicts kept in ``.verdicts.jsonl``: a rerun verifies only
                      pairs it has not judged.
