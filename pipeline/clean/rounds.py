@@ -131,7 +131,7 @@ def orb_pairs(
         todo.sort()  # pairs of one image in one task: its grey is read once
         todo = _mirror_sides(todo, {i for i, mirrored in store.located if mirrored})
         # Described as a round first needs them: a rerun describes only new pairs' images.
-        describe_all(settings.orb_features, todo, files, pool, store)
+        describe_all(settings.orb_features, _needed(todo), files, pool, store)
         tasks = [
             _verify_task(settings, todo[at : at + VERIFY_BATCH], files, store)
             for at in range(0, len(todo), VERIFY_BATCH)
@@ -187,6 +187,17 @@ def _mirror_sides(pairs: list[Candidate], mirrored: set[int]) -> list[Candidate]
         (i, j, MIRROR_I if flip != PLAIN and j not in chosen else flip, similarity, other)
         for i, j, flip, similarity, other in pairs
     ]
+
+
+def _needed(pairs: list[Candidate]) -> dict[int, bool]:
+    """Each image the pairs compare, and whether one compares it mirrored."""
+    needed: dict[int, bool] = {}
+    for i, j, flip, *_ in pairs:
+        needed.setdefault(i, False)
+        needed.setdefault(j, False)
+        if flip != PLAIN:
+            needed[mirrored_image(i, j, flip)] = True
+    return needed
 
 
 def _verify_task(

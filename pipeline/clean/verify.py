@@ -190,31 +190,30 @@ def _dense_picture(path: str) -> tuple[np.ndarray, np.ndarray] | None:
     made when a pair first needs it and kept in this worker (most images never do)."""
 
     def make() -> np.ndarray:
-        stored = _stored_grey(path)
-        if not dense_suitable(stored):
+        if not dense_suitable(_stored_grey(path)):
             return np.zeros(0, np.uint8)
-        return np.stack(dense_picture(for_orb(stored)))
+        return np.stack(dense_picture(_orb_grey(path)))
 
     both = _greys.get((path, "dense", False), make)
     return None if not both.size else (both[0], both[1])
 
 
 def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
-    """Geometric, then photometric, verification of candidate pairs (the second image
-    mirrored when the pair says so); the confirmed ones with their evidence.
+    """Geometric, then photometric, verification of candidate pairs (one image mirrored
+    first when the pair says so: ``mirrored_image``); the confirmed ones with their evidence.
 
     Confirmed: at least ``min_inliers`` RANSAC inliers, ``min_overlap`` of each image's
     content in common and at least ``min_correlation`` once aligned; or, for a pair ORB
     cannot judge, the same overlap and correlation once densely aligned.
     """
     confirmed = []
-    # One thread: the searches are small (faiss's OpenMP threads made them 4x slower on 2
-    # busy cores) and the pool already uses every core. Restored for an inline run's caller.
     if task.run != _run[0]:
         # A long-lived (Dask) worker's greys and descriptions of an earlier run: a re-crawl
         # may have rewritten an image at the same path.
         clear_kept()
         _run[0] = task.run
+    # One thread: the searches are small (faiss's OpenMP threads made them 4x slower on 2
+    # busy cores) and the pool already uses every core. Restored for an inline run's caller.
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
