@@ -248,7 +248,7 @@ def missed_pairs(clean_dir: Path, truth: dict[str, tuple[str, str]], cfg: CleanC
     index = {p: n for n, p in enumerate(paths)}
     views = np.stack([decode_views(images[p]["embedding"]) for p in paths])
     mirrors = np.stack([decode_views(images[p]["mirror_embedding"]) for p in paths])
-    pairs = view_neighbours(
+    pairs, _ = view_neighbours(
         views, mirrors, cfg.second_pass_neighbours, cfg.second_pass_min_similarity
     )
     proposed = {(int(a), int(b)) for a, b in pairs}

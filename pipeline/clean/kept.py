@@ -2,8 +2,10 @@
 
 Consumes a key and a function that makes the value (read a grey, compute detail, unpickle a
 described image); produces the value, made once and kept while the store's ``limit()`` bytes
-allow. Used by verify.py for greys, content boxes and detail, and by describe.py's
-``DescribedCache`` for what it reads of a run's describe store.
+allow. Used by describe.py for greys (which verify.py reads too, with content boxes), by
+verify.py for detail, and by describe.py's ``DescribedCache`` for what it reads of a run's
+describe store. What a worker keeps is of one run (``enter_run``): a re-crawl may rewrite an
+image at the same path, so a long-lived (Dask) worker forgets an earlier run's.
 """
 
 from __future__ import annotations
@@ -54,3 +56,26 @@ class Kept:
     def clear(self) -> None:
         self.items.clear()
         self.held = 0
+
+
+_run = [""]  # the run whose files this process's caches hold
+_forgets: list[Callable[[], None]] = []
+
+
+def run_scoped(forget: Callable[[], None]) -> None:
+    """Register a cache of one run's files: ``forget`` empties it."""
+    _forgets.append(forget)
+
+
+def enter_run(run: str) -> None:
+    """Called by each worker task with its run's id: the caches of another run are emptied."""
+    if run != _run[0]:
+        forget_run()
+        _run[0] = run
+
+
+def forget_run() -> None:
+    """Empty every run-scoped cache of this process (an inline run's caller, at its end)."""
+    for forget in _forgets:
+        forget()
+    _run[0] = ""

@@ -36,6 +36,7 @@ from pipeline.clean.analysis import analysis_fingerprint
 from pipeline.clean.decode import DecodeSettings
 from pipeline.clean.describe import DescribedStore, describe_all
 from pipeline.clean.embed import decode_views
+from pipeline.clean.kept import forget_run
 from pipeline.clean.neighbours import pair_similarities, view_neighbours
 from pipeline.clean.records import ImageRecord, Match
 from pipeline.clean.verdicts import Key, VerdictLog, verdict_fingerprint
@@ -46,7 +47,6 @@ from pipeline.clean.verify import (
     Candidate,
     VerifySettings,
     VerifyTask,
-    clear_kept,
     mirrored_image,
     verify_pairs,
 )
@@ -75,14 +75,15 @@ def orb_pairs(
     candidates, pairs verified and pairs confirmed (by ORB and by dense alignment)."""
     views = np.stack([decode_views(r.image.embedding) for r in records])
     mirrors = np.stack([decode_views(r.image.mirror_embedding) for r in records])
-    pairs = view_neighbours(
+    pairs, mirror_near = view_neighbours(
         views, mirrors, cfg.second_pass_neighbours, cfg.second_pass_min_similarity
     )
     # Pairs the cheap passes already joined need no geometric proof.
-    keep = [(int(i), int(j)) not in matched for i, j in pairs]
-    pairs = pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
+    keep = np.array([(int(i), int(j)) not in matched for i, j in pairs], dtype=bool)
+    if len(pairs):
+        pairs, mirror_near = pairs[keep], mirror_near[keep]
     plain, mirrored = pair_similarities(views, mirrors, pairs)
-    flip = (mirrored > plain) & (mirrored >= MIRROR_MIN_SIMILARITY)
+    flip = mirror_near & (mirrored > plain) & (mirrored >= MIRROR_MIN_SIMILARITY)
     similarity, other = np.where(flip, mirrored, plain), np.where(flip, plain, mirrored)
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -similarity)) if len(pairs) else []
     candidates: list[Candidate] = [
@@ -146,7 +147,7 @@ def orb_pairs(
             confirmed.append((a, b, match))
     verdicts.compact()
     store.remove()
-    clear_kept()  # what an inline run (one worker) kept in this process
+    forget_run()  # what an inline run (one worker) kept in this process
     confirmed.sort(key=lambda pair: pair[:2])
     counts = {
         "orb_candidates": len(candidates),

@@ -27,7 +27,6 @@ worker process).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
@@ -52,12 +51,13 @@ from pipeline.clean.describe import (
     Located,
     dense_suitable,
     for_orb,
+    greys,
     mirror,
     orb_upscales,
-    read_grey,
+    stored_grey,
 )
 from pipeline.clean.embed import content_box
-from pipeline.clean.kept import Kept
+from pipeline.clean.kept import Kept, enter_run, run_scoped
 from pipeline.clean.records import Match
 
 if TYPE_CHECKING:
@@ -89,9 +89,8 @@ HOMOGRAPHY_OVERLAP_SLACK = 0.1
 # What _aligned says of a pair it lined up (a RANSAC transform with enough inliers, spread
 # over the picture, at a sane scale) that then failed the overlap or the correlation test.
 LINED_UP = "lined up"
-# What a verify worker keeps between tasks: normalised greys with their content boxes, and the
-# detail of the most recently correlated ones in the last DETAIL_CACHE_BYTES of it.
-GREY_CACHE_BYTES = 128 * 2**20
+# What a verify worker keeps between tasks besides describe.py's greys: the detail of the most
+# recently correlated ones.
 DETAIL_CACHE_BYTES = 16 * 2**20
 DESCRIBED_CACHE_BYTES = 256 * 2**20  # and the describe store's entries it read
 
@@ -130,25 +129,16 @@ class VerifyTask:
     files: dict[int, str]
     settings: VerifySettings
     store: dict[tuple[int, bool], Located]  # (image, mirrored) -> where DescribedStore put it
-    run: str  # this run's DescribedStore folder: what a worker keeps from other runs is stale
+    run: str  # this run's DescribedStore folder (kept.enter_run)
 
 
-# A verify task's pairs share images with the tasks before it: reading the greys again was a
-# quarter of pass 2's time. The details (float32, 4x a grey) have their own, smaller, share:
-# in one store with the greys they pushed greys out, and reading those again cost more than
-# the detail saved (recall set: 3,311 reads of greys; 1,308 with the details apart).
-_greys = Kept(lambda: GREY_CACHE_BYTES - DETAIL_CACHE_BYTES)
+# The details (float32, 4x a grey) have a store of their own: in one with the greys they pushed
+# greys out, and reading those again cost more than the detail saved (recall set: 3,311 reads
+# of greys; 1,308 with the details apart).
 _details = Kept(lambda: DETAIL_CACHE_BYTES)
 _described = DescribedCache(DESCRIBED_CACHE_BYTES)
-_run = [""]  # the run whose tasks this worker's caches hold
-
-
-def clear_kept() -> None:
-    """Forget what this process kept of a run (an inline run's caller, at its end)."""
-    _greys.clear()
-    _details.clear()
-    _described.clear()
-    _run[0] = ""
+run_scoped(_details.clear)
+run_scoped(_described.clear)
 
 
 def _picture(path: str, mirrored: bool) -> Picture:
@@ -160,7 +150,7 @@ def _picture(path: str, mirrored: bool) -> Picture:
     grey = _orb_grey(path)
     if mirrored:
         grey = mirror(grey)
-    box = _greys.get((path, "box", mirrored), lambda: np.array(content_box(grey)))
+    box = greys.get((path, "box", mirrored), lambda: np.array(content_box(grey)))
     left, top, right, bottom = (int(v) for v in box)
     return Picture(
         grey,
@@ -169,19 +159,12 @@ def _picture(path: str, mirrored: bool) -> Picture:
     )
 
 
-def _stored_grey(path: str) -> np.ndarray:
-    """The normalised image at ``path`` in grey, as stored, kept in this worker: the ORB grey
-    of most images and what the dense fallback starts from (reading it again for that was a
-    quarter of this worker's reads on bench/clean_throughput.py's photos)."""
-    return _greys.get((path, "stored", False), lambda: read_grey(Path(path)))
-
-
 def _orb_grey(path: str) -> np.ndarray:
     """``describe.for_orb`` of the stored grey, kept apart only when it is an upscale."""
-    stored = _stored_grey(path)
+    stored = stored_grey(path)
     if not orb_upscales(stored):
         return stored
-    return _greys.get((path, "grey", False), lambda: for_orb(stored))
+    return greys.get((path, "grey", False), lambda: for_orb(stored))
 
 
 def _dense_picture(path: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -190,11 +173,11 @@ def _dense_picture(path: str) -> tuple[np.ndarray, np.ndarray] | None:
     made when a pair first needs it and kept in this worker (most images never do)."""
 
     def make() -> np.ndarray:
-        if not dense_suitable(_stored_grey(path)):
+        if not dense_suitable(stored_grey(path)):
             return np.zeros(0, np.uint8)
         return np.stack(dense_picture(_orb_grey(path)))
 
-    both = _greys.get((path, "dense", False), make)
+    both = greys.get((path, "dense", False), make)
     return None if not both.size else (both[0], both[1])
 
 
@@ -207,11 +190,7 @@ def verify_pairs(task: VerifyTask) -> list[tuple[int, int, Match]]:
     cannot judge, the same overlap and correlation once densely aligned.
     """
     confirmed = []
-    if task.run != _run[0]:
-        # A long-lived (Dask) worker's greys and descriptions of an earlier run: a re-crawl
-        # may have rewritten an image at the same path.
-        clear_kept()
-        _run[0] = task.run
+    enter_run(task.run)
     # One thread: the searches are small (faiss's OpenMP threads made them 4x slower on 2
     # busy cores) and the pool already uses every core. Restored for an inline run's caller.
     threads = faiss.omp_get_max_threads()
