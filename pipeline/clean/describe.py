@@ -238,7 +238,7 @@ def describe_images(task: DescribeTask) -> dict[tuple[int, bool], Located]:
                 keypoints, descriptors = sensitive.detectAndCompute(grey, None)
         # Strongest first, for _ratio_matches' quick look at the first PREFILTER_KEYPOINTS.
         order = np.argsort([-k.response for k in keypoints], kind="stable")
-        points = np.float32([keypoints[n].pt for n in order]).reshape(-1, 2)
+        points = np.float32(cv2.KeyPoint_convert(keypoints)).reshape(-1, 2)[order]
         return (points, None if descriptors is None else descriptors[order]), sparse
 
     located: dict[tuple[int, bool], Located] = {}
