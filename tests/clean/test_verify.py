@@ -12,9 +12,10 @@ from PIL import Image
 from test_clean import config, encode, photo, run
 
 from pipeline.clean import aligned
-from pipeline.clean.describe import SPARSE_KEYPOINTS
+from pipeline.clean.describe import SPARSE_KEYPOINTS, stored_grey
 from pipeline.clean.embed import view_vectors
-from pipeline.clean.neighbours import pair_similarities
+from pipeline.clean.kept import enter_run, forget_run
+from pipeline.clean.neighbours import pair_similarities, view_neighbours
 from pipeline.files import read_jsonl
 
 
@@ -196,3 +197,38 @@ def test_flipped_crops_join_their_original_whichever_image_is_mirrored(tmp_path:
     edges = [e for g in read_jsonl(out / "groups.jsonl") for e in g["edges"]]
     mirrored = {(e["a"], e["b"]) for e in edges if e["method"] == "orb" and e["mirrored"]}
     assert ("cat/a-original.png", "cat/c-flipped-rotated.png") in mirrored
+
+
+def test_only_a_mirrors_nearest_neighbour_is_compared_mirrored_first() -> None:
+    """view_neighbours proposes every neighbour of each image and of its mirror, but marks as
+    mirror-near only the nearest neighbour of a mirror (neighbours.MIRROR_NEIGHBOURS)."""
+    rng = np.random.default_rng(0)
+    views = rng.normal(size=(6, 1, 16)).astype(np.float32)
+    mirrors = rng.normal(size=(6, 1, 16)).astype(np.float32)
+    mirrors[0, 0] = views[1, 0]  # image 1 is image 0 flipped
+    mirrors[0, 0, 0] += 0.5  # and image 2 a little less like it
+    views[2, 0] = views[1, 0] + 0.6 * rng.normal(size=16)
+    views /= np.linalg.norm(views, axis=2, keepdims=True)
+    mirrors /= np.linalg.norm(mirrors, axis=2, keepdims=True)
+
+    pairs, near = view_neighbours(views, mirrors, 5, -1.0)
+
+    marked = {(int(i), int(j)) for (i, j), is_near in zip(pairs, near, strict=True) if is_near}
+    assert len(pairs) == 15  # every pair of 6 is some image's neighbour
+    assert (0, 1) in marked
+    assert (0, 2) not in marked
+
+
+def test_a_long_lived_worker_does_not_keep_an_earlier_runs_greys(tmp_path: Path) -> None:
+    """A Dask worker serves many runs: a re-crawl may rewrite an image at the same path."""
+    path = tmp_path / "image.png"
+    cv2.imwrite(str(path), np.full((32, 32), 10, np.uint8))
+    enter_run("first")
+    assert int(stored_grey(str(path))[0, 0]) == 10
+    cv2.imwrite(str(path), np.full((32, 32), 200, np.uint8))
+    assert int(stored_grey(str(path))[0, 0]) == 10  # kept within one run
+
+    enter_run("second")
+
+    assert int(stored_grey(str(path))[0, 0]) == 200
+    forget_run()
