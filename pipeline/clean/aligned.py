@@ -227,16 +227,22 @@ def overlap_bound(a: Picture, b: Picture, transform: np.ndarray) -> float:
 
 def _correlation(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
     """(Pearson correlation, standard deviation of x, of y) of two float32 images over
-    ``mask`` (uint8); the correlation 0 when either is flat. OpenCV's masked sums (double
-    precision) rather than numpy over the masked pixels: 2.5x faster on 256 px detail, equal
-    to within 1e-8."""
-    mean_x, spread_x = cv2.meanStdDev(x, mask=mask)
-    mean_y, spread_y = cv2.meanStdDev(y, mask=mask)
-    sx, sy = float(spread_x[0, 0]), float(spread_y[0, 0])
+    ``mask`` (uint8, 0 or 1); the correlation 0 when either is flat. From five sums of the
+    masked images and their products, accumulated by OpenCV in double precision: 2.3x faster
+    on 256 px detail than OpenCV's masked mean and deviation (3 passes), 2.5x numpy's before
+    that, and equal to within 1e-9 (detail has a mean near 0, so the sums do not cancel)."""
+    count = cv2.countNonZero(mask)
+    if not count:
+        return 0.0, 0.0, 0.0
+    x = cv2.multiply(x, mask, dtype=cv2.CV_32F)
+    y = cv2.multiply(y, mask, dtype=cv2.CV_32F)
+    mean_x, mean_y = cv2.sumElems(x)[0] / count, cv2.sumElems(y)[0] / count
+    sx = max(cv2.sumElems(cv2.multiply(x, x))[0] / count - mean_x * mean_x, 0.0) ** 0.5
+    sy = max(cv2.sumElems(cv2.multiply(y, y))[0] / count - mean_y * mean_y, 0.0) ** 0.5
     if sx * sy <= 1e-9:
         return 0.0, sx, sy
-    mean_xy = cv2.mean(cv2.multiply(x, y), mask=mask)[0]
-    return (mean_xy - float(mean_x[0, 0]) * float(mean_y[0, 0])) / (sx * sy), sx, sy
+    mean_xy = cv2.sumElems(cv2.multiply(x, y))[0] / count
+    return (mean_xy - mean_x * mean_y) / (sx * sy), sx, sy
 
 
 def high_pass(grey: np.ndarray) -> np.ndarray:
