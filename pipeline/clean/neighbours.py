@@ -1,9 +1,10 @@
 """Pass 2's candidate proposal: each image's nearest neighbours, view by view, in a faiss index.
 
 Consumes every image's view embeddings and its mirror's (``embed.py``: (n, views, dims)
-unit vectors). Produces candidate pairs (i < j): for each view, each image's (and its mirror's)
-``k`` nearest neighbours by cosine similarity, unioned over the views. Nothing here decides
-that two images are the same picture; verify.py does.
+unit vectors). Produces candidate pairs (i < j): for each view, each image's ``k`` nearest
+neighbours by cosine similarity and its mirror's ``MIRROR_NEIGHBOURS`` nearest (flipped
+copies), unioned over the views. Nothing here decides that two images are the same picture;
+verify.py does.
 
 The index is exact (``IndexFlatIP``, blocked BLAS) up to ``EXACT_UP_TO`` images and a
 single-threaded HNSW graph above (approximate, but the same answer on every run: a
@@ -20,10 +21,11 @@ HNSW_LINKS = 32
 HNSW_SEARCH_DEPTH = 96
 # A flipped copy's thumbnails are its original's nearest mirrored neighbour: on
 # bench/clean_recall.py 404 of the 408 pairs pass 2 confirmed mirrored were an image and the
-# first neighbour of the other's mirror, 405 within the first two. rounds.py compares a pair
-# mirrored first only when it is this near (what costs is describing mirrors and comparing
-# twice: on the throughput bench's photos 12,843 pairs were compared mirrored first, 771
-# mirrors described, and none confirmed mirrored).
+# first neighbour of the other's mirror, 405 within the first two. So a mirror's search
+# proposes only its nearest: with as many as each image's own (10), it proposed 22k of the
+# throughput bench's photos' 38k pairs, compared 12,843 mirrored first (771 mirrors described)
+# and confirmed none mirrored; the 22 it confirmed as they are, 12 nearest neighbours per view
+# instead of 10 also find (with 1,419 more pairs in groups there, 554 fewer, same recall).
 MIRROR_NEIGHBOURS = 1
 SIMILARITY_BLOCK = 2048  # pairs whose similarities are computed at once
 
@@ -43,33 +45,35 @@ def view_neighbours(
     views: np.ndarray, mirror_views: np.ndarray, k: int, min_similarity: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs (i < j), sorted and unique, as an (m, 2) int64 array; and for each,
-    whether one image's mirror found the other among its ``MIRROR_NEIGHBOURS`` nearest in
-    some view (bool, m)."""
+    whether a mirror's search found it (bool, m): rounds.py compares only those mirrored."""
     n = len(views)
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
-    k = min(k, n - 1)
+    searches = ((False, min(k, n - 1)), (True, min(MIRROR_NEIGHBOURS, n - 1)))
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # determinism (HNSW) and clean.workers owns the cores
     try:
-        found, near = [], []
+        found, by_mirror = [], []
         for view in range(views.shape[1]):
             index = _index(np.ascontiguousarray(views[:, view], dtype=np.float32))
-            for mirrored, queries in ((False, views[:, view]), (True, mirror_views[:, view])):
-                similarity, ids = index.search(np.ascontiguousarray(queries, np.float32), k + 1)
-                rows = np.repeat(np.arange(n), k + 1).reshape(n, k + 1)
+            for mirrored, count in searches:
+                queries = (mirror_views if mirrored else views)[:, view]
+                similarity, ids = index.search(
+                    np.ascontiguousarray(queries, np.float32), count + 1
+                )
+                rows = np.repeat(np.arange(n), count + 1).reshape(n, count + 1)
                 chosen = (ids >= 0) & (ids != rows) & (similarity >= min_similarity)
+                # Its own mirror may be an image's nearest: the first `count` others are kept.
+                chosen &= np.cumsum(chosen, axis=1) <= count
                 found.append(np.stack([rows[chosen], ids[chosen]], axis=1))
-                # Rank among this query's neighbours (itself left out), 1 = nearest.
-                rank = np.cumsum(chosen, axis=1)[chosen]
-                near.append(rank <= MIRROR_NEIGHBOURS if mirrored else np.zeros(len(rank), bool))
+                by_mirror.append(np.full(int(chosen.sum()), mirrored))
     finally:
         faiss.omp_set_num_threads(threads)
     pairs = np.sort(np.concatenate(found).astype(np.int64), axis=1)
     unique, which = np.unique(pairs, axis=0, return_inverse=True)
-    mirror_near = np.zeros(len(unique), dtype=bool)
-    np.logical_or.at(mirror_near, which.ravel(), np.concatenate(near))
-    return unique, mirror_near
+    mirrored_pairs = np.zeros(len(unique), dtype=bool)
+    np.logical_or.at(mirrored_pairs, which.ravel(), np.concatenate(by_mirror))
+    return unique, mirrored_pairs
 
 
 def pair_similarities(

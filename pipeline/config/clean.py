@@ -36,7 +36,7 @@ class CleanConfig(_Section):
     near_duplicates: Literal["drop", "group"] = "drop"
     # pass 2: embedding neighbours confirmed by ORB + RANSAC
     second_pass: bool = True
-    second_pass_neighbours: Annotated[int, Field(ge=1, le=100)] = 10
+    second_pass_neighbours: Annotated[int, Field(ge=1, le=100)] = 12
     second_pass_min_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.0
     orb_features: Annotated[int, Field(ge=50, le=10_000)] = 500
     orb_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
