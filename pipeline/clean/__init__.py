@@ -50,7 +50,8 @@ Where each behaviour lives:
                      homography), overlap of both pictures, and median tile correlation once
                      aligned; or, on low-texture pictures, by dense ECC alignment
                      (``aligned.py``).
-- ``kept.py``      — (worker) the byte-bounded LRU store verify.py and describe.py keep in.
+- ``kept.py``      — (worker) the byte-bounded LRU store verify.py and describe.py keep in,
+                     emptied when a worker's run changes.
 - ``verdicts.py``  — pass 2's verdicts kept in ``.verdicts.jsonl``: a rerun verifies only
                      pairs it has not judged.
 - ``grouping.py``  — pairs → groups, the representative kept, exact/near duplicates and

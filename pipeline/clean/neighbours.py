@@ -25,7 +25,8 @@ HNSW_SEARCH_DEPTH = 96
 # proposes only its nearest: with as many as each image's own (10), it proposed 22k of the
 # throughput bench's photos' 38k pairs, compared 12,843 mirrored first (771 mirrors described)
 # and confirmed none mirrored; the 22 it confirmed as they are, 12 nearest neighbours per view
-# instead of 10 also find (with 1,419 more pairs in groups there, 554 fewer, same recall).
+# instead of 10 also find (with about 1,400 more pairs in groups there, 600 fewer, and the
+# same recall).
 MIRROR_NEIGHBOURS = 1
 SIMILARITY_BLOCK = 2048  # pairs whose similarities are computed at once
 

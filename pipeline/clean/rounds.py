@@ -5,11 +5,11 @@ the pairs the earlier passes already matched and the verdict log of earlier runs
 (verdicts.py). Produces the confirmed pairs (i < j) with their ``Match`` and the pass's counts;
 the verifying itself is verify.py's, on the workers.
 
-1. ``view_neighbours`` (neighbours.py): each image's k nearest neighbours per view (mirrored
-   views queried too), with the cosine similarity of the pair as is and mirrored; pairs
+1. ``view_neighbours`` (neighbours.py): each image's k nearest neighbours per view and its
+   mirror's nearest, with the cosine similarity of the pair as is and mirrored; pairs
    already matched directly are skipped. A pair is compared as it is, and first mirrored
-   when one image is the nearest neighbour of the other's mirror in some view
-   (``neighbours.MIRROR_NEIGHBOURS``) and its mirror's thumbnails are the closer and at least
+   when a mirror's search proposed it (one image is the other's mirror's nearest neighbour in
+   some view) and its mirror's thumbnails are the closer and at least
    ``MIRROR_MIN_SIMILARITY`` alike; which of its two images is mirrored is chosen so that few
    mirrors need describing (``_mirror_sides``).
 2. With ``duplicate_groups: connected``, pairs are verified most similar first, in rounds
@@ -81,15 +81,15 @@ def orb_pairs(
     candidates, pairs verified and pairs confirmed (by ORB and by dense alignment)."""
     views = np.stack([decode_views(r.image.embedding) for r in records])
     mirrors = np.stack([decode_views(r.image.mirror_embedding) for r in records])
-    pairs, mirror_near = view_neighbours(
+    pairs, by_mirror = view_neighbours(
         views, mirrors, cfg.second_pass_neighbours, cfg.second_pass_min_similarity
     )
     # Pairs the cheap passes already joined need no geometric proof.
     keep = np.array([(int(i), int(j)) not in matched for i, j in pairs], dtype=bool)
     if len(pairs):
-        pairs, mirror_near = pairs[keep], mirror_near[keep]
+        pairs, by_mirror = pairs[keep], by_mirror[keep]
     plain, mirrored = pair_similarities(views, mirrors, pairs)
-    flip = mirror_near & (mirrored > plain) & (mirrored >= MIRROR_MIN_SIMILARITY)
+    flip = by_mirror & (mirrored > plain) & (mirrored >= MIRROR_MIN_SIMILARITY)
     similarity, other = np.where(flip, mirrored, plain), np.where(flip, plain, mirrored)
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -similarity)) if len(pairs) else []
     candidates: list[Candidate] = [
