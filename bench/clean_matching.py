@@ -109,5 +109,6 @@ def main() -> None:
             f"{opencv * 1e3:.3f} ms ({opencv / ours:.2f}x) (same distances)"
         )
 
+
 if __name__ == "__main__":
     main()

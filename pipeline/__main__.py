@@ -53,8 +53,7 @@ def _add_crawl_options(p: argparse.ArgumentParser) -> None:
         dest="crawl_step",
         action="store_const",
         const="merge",
-        help="sharded crawl, step 3: merge the shards into data/raw/manifest.jsonl and the "
-        "report",
+        help="sharded crawl, step 3: merge the shards into data/raw/manifest.jsonl and the report",
     )
 
 

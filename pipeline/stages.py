@@ -168,9 +168,7 @@ def _evaluate(cfg: StageConfigs, opts: StageOptions) -> Any:
     from pipeline.evaluate import evaluate
     from pipeline.model_card import Provenance
 
-    return evaluate(
-        cfg.evaluate, paths.AUDIT, paths.MODELS, paths.REPORTS, Provenance.of_project()
-    )
+    return evaluate(cfg.evaluate, paths.AUDIT, paths.MODELS, paths.REPORTS, Provenance.of_project())
 
 
 def _export(cfg: StageConfigs, opts: StageOptions) -> Any:
@@ -226,6 +224,7 @@ COMPARE_OUT = (
     paths.MODELS / "compare_finetuned.json",
 )
 
+
 def _curves(name: str) -> tuple[Path, Path]:
     """DVCLive's files for one trainer: the last epoch's numbers and the per-epoch curves."""
     return paths.DVCLIVE / name / "metrics.json", paths.DVCLIVE / name / "plots" / "metrics"
@@ -263,8 +262,14 @@ STAGES: tuple[Stage, ...] = (
         "audit",
         "find wrong labels and foreign images (cleanlab); the audited CSVs in data/audit",
         "pipeline.audit",
-        ("seed", "audit", "train.fit.image_size", "train.transfer.backbone",
-         "train.transfer.weights", "train.transfer.image_size"),
+        (
+            "seed",
+            "audit",
+            "train.fit.image_size",
+            "train.transfer.backbone",
+            "train.transfer.weights",
+            "train.transfer.image_size",
+        ),
         (*AUDIT_OUT, paths.AUDIT_REPORT, paths.AUDIT_SUSPECTS),
         _audit,
         _audit_headline,
@@ -281,8 +286,14 @@ STAGES: tuple[Stage, ...] = (
         "train-baseline",
         "train the small convnet from scratch into models/baseline.keras",
         "pipeline.train",
-        ("seed", "augment.mode", "augment.copies", "augment.transforms", "train.fit",
-         "train.baseline"),
+        (
+            "seed",
+            "augment.mode",
+            "augment.copies",
+            "augment.transforms",
+            "train.fit",
+            "train.baseline",
+        ),
         (*MODELS_OUT, *_curves("baseline")),
         _train_baseline,
     ),
@@ -290,8 +301,14 @@ STAGES: tuple[Stage, ...] = (
         "train-transfer",
         "train.transfer's backbone: frozen features, then fine-tuning, into models/transfer_*",
         "pipeline.train",
-        ("seed", "augment.mode", "augment.copies", "augment.transforms", "train.fit",
-         "train.transfer"),
+        (
+            "seed",
+            "augment.mode",
+            "augment.copies",
+            "augment.transforms",
+            "train.fit",
+            "train.transfer",
+        ),
         (*TRANSFER_OUT, *_curves("transfer")),
         _train_transfer,
     ),
@@ -299,8 +316,14 @@ STAGES: tuple[Stage, ...] = (
         "train-compare",
         "train.compare's backbone the same way, beside it, into models/compare_*",
         "pipeline.train",
-        ("seed", "augment.mode", "augment.copies", "augment.transforms", "train.fit",
-         "train.compare"),
+        (
+            "seed",
+            "augment.mode",
+            "augment.copies",
+            "augment.transforms",
+            "train.fit",
+            "train.compare",
+        ),
         (*COMPARE_OUT, *_curves("compare")),
         _train_compare,
     ),
@@ -309,8 +332,15 @@ STAGES: tuple[Stage, ...] = (
         "test-set metrics, plots and model card for every model into reports/",
         "pipeline.evaluate",
         ("evaluate",),
-        (paths.MODEL_METRICS, paths.EVALUATION, paths.PREDICTIONS, paths.ROC, paths.PR,
-         paths.MODEL_CARD, paths.MISCLASSIFIED),
+        (
+            paths.MODEL_METRICS,
+            paths.EVALUATION,
+            paths.PREDICTIONS,
+            paths.ROC,
+            paths.PR,
+            paths.MODEL_CARD,
+            paths.MISCLASSIFIED,
+        ),
         _evaluate,
     ),
     Stage(

@@ -220,9 +220,7 @@ class _Run:
             verbose=self.cfg.verbose,
         )
 
-    def save(
-        self, name: str, result: PhaseResult, extra: dict[str, Any]
-    ) -> ModelResult:
+    def save(self, name: str, result: PhaseResult, extra: dict[str, Any]) -> ModelResult:
         """Copy ``result``'s checkpoint to ``models/<name>.keras`` and write its sidecar JSON,
         each atomically. Returns what was saved."""
         path = self.models_dir / f"{name}.keras"

@@ -224,10 +224,7 @@ def _leaves(model: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
 
 def test_params_yaml_and_the_config_defaults_do_not_drift() -> None:
     shipped = Params.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    sections = {
-        name: getattr(shipped, name)
-        for name in SECTIONS
-    }
+    sections = {name: getattr(shipped, name) for name in SECTIONS}
 
     differing = {
         f"{section}.{key}"

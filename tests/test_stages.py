@@ -129,9 +129,11 @@ def test_params_groups_cover_only_keys_that_exist() -> None:
 
 
 def test_changing_a_preview_knob_reruns_only_augment() -> None:
-    affected = [s.name for s in stages.STAGES if any(
-        "augment.preview.images".startswith(group) for group in s.params
-    )]
+    affected = [
+        s.name
+        for s in stages.STAGES
+        if any("augment.preview.images".startswith(group) for group in s.params)
+    ]
 
     assert affected == ["augment"]
 

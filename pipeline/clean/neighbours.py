@@ -59,9 +59,7 @@ def view_neighbours(
             index = _index(np.ascontiguousarray(views[:, view], dtype=np.float32))
             for mirrored, count in searches:
                 queries = (mirror_views if mirrored else views)[:, view]
-                similarity, ids = index.search(
-                    np.ascontiguousarray(queries, np.float32), count + 1
-                )
+                similarity, ids = index.search(np.ascontiguousarray(queries, np.float32), count + 1)
                 rows = np.repeat(np.arange(n), count + 1).reshape(n, count + 1)
                 chosen = (ids >= 0) & (ids != rows) & (similarity >= min_similarity)
                 # Its own mirror may be an image's nearest: the first `count` others are kept.
