@@ -215,11 +215,12 @@ def _verify_task(
     files: dict[int, str],
     store: DescribedStore,
 ) -> VerifyTask:
-    needed = {(i, False) for pair in pairs for i in pair[:2]}
-    needed |= {(mirrored_image(i, j, flip), True) for i, j, flip, *_ in pairs if flip != PLAIN}
+    images = _needed(pairs)
+    needed = [(i, False) for i in images]
+    needed += [(i, True) for i, mirrored in images.items() if mirrored]
     return VerifyTask(
         pairs=tuple(pairs),
-        files={i: files[i] for i, _ in needed},
+        files={i: files[i] for i in images},
         settings=settings,
         store={key: store.located[key] for key in needed},
         run=str(store.root),

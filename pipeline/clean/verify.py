@@ -282,6 +282,9 @@ def _dense(
     return best if best >= bar else None
 
 
+_FARTHEST = np.iinfo(np.int32).max  # what _two_nearest puts in place of a row's nearest
+
+
 def _two_nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hamming distances to each row of ``a``'s nearest and second-nearest rows of ``b`` (ORB
     descriptors, 32 bytes each), and the nearest's index. All distances from faiss's
@@ -298,7 +301,7 @@ def _two_nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     nearest = distances.argmin(axis=1)
     every = np.arange(rows)
     first = distances[every, nearest]
-    distances[every, nearest] = np.iinfo(np.int32).max
+    distances[every, nearest] = _FARTHEST
     return first, distances.min(axis=1), nearest
 
 
