@@ -10,7 +10,8 @@ the analysis log, pHash and neighbour search, grouping and every output file sta
 calling process. Dask workers read raw files and write normalised copies by path, so they must
 see the project directory at the same path (a shared file system), as the crawl's do.
 Results are keyed and sorted before use, so the outputs do not depend on where or in which
-order the tasks ran.
+order the tasks ran. Every wait is bounded: no task finishing for ``TASK_TIMEOUT_S`` in the
+local pool (``fanout.RESULT_TIMEOUT_S`` on Dask) stops the workers and raises StageError.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ Result = TypeVar("Result")
 BYTES_PER_PIXEL = 8
 WORKER_BASE_BYTES = 250 * 2**20  # interpreter, NumPy, OpenCV, Pillow
 DASK_KEY = "clean.dask_address"  # named in the errors of an unreachable or stalled cluster
+WORKERS_KEY = "clean.workers"  # named in the error of a stuck local worker
+# No task finishing for this long means a stuck worker process (one task is at most a few
+# hundred images or pairs); the Dask path has the same bound (fanout.RESULT_TIMEOUT_S).
+TASK_TIMEOUT_S = 3600.0
 
 
 def _available_memory() -> int | None:
@@ -126,10 +131,23 @@ class WorkerPool:
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_worker_init,
                 )
-            futures = [self._pool.submit(function, task) for task in tasks]
-            for future in concurrent.futures.as_completed(futures):
-                yield future.result()
-                bar.update()
+            pending = {self._pool.submit(function, task) for task in tasks}
+            while pending:
+                done, pending = concurrent.futures.wait(
+                    pending, timeout=TASK_TIMEOUT_S, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                if not done:
+                    from pipeline.config import StageError  # not in a worker's imports
+
+                    self._terminate()
+                    raise StageError(
+                        f"{WORKERS_KEY}: no {desc!r} task finished in this machine's "
+                        f"{self.workers} worker processes for {TASK_TIMEOUT_S:g} s "
+                        f"({len(pending)} of {len(tasks)} left); a worker is stuck"
+                    )
+                for future in done:
+                    yield future.result()
+                    bar.update()
 
     def _dask_map(
         self, address: str, function: Callable[[Task], Result], tasks: Sequence[Task], bar: tqdm
@@ -142,6 +160,20 @@ class WorkerPool:
         futures = self._client.map(function, list(tasks), pure=False)
         for _, result in completed(self._client, futures, address=address, key=DASK_KEY, bar=bar):
             yield result
+
+    def _terminate(self) -> None:
+        """Stop the pool's processes, stuck ones too (shutting down waits for running tasks)."""
+        if self._pool is None:
+            return
+        # Python 3.14 has terminate_workers(); before it, the executor's own process table.
+        terminate = getattr(self._pool, "terminate_workers", None)
+        if terminate is not None:
+            terminate()
+        else:
+            for process in list(getattr(self._pool, "_processes", {}).values()):
+                process.terminate()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 from test_clean import config, encode, make_raw, photo, run
 
-from pipeline.clean import clean
+from pipeline.clean import clean, workers
 from pipeline.clean.analysis import ANALYSIS
 from pipeline.clean.decode import DecodeSettings, DecodeTask, analyse_image
 from pipeline.clean.workers import worker_count
@@ -178,3 +178,17 @@ def test_a_rerun_verifies_only_pairs_it_has_not_judged(tmp_path: Path) -> None:
     # Other verification settings: every pair is judged again.
     clean(config(orb_min_inliers=7), raw, out, report)
     assert json.loads(report.read_text())["passes"]["verdicts_reused"] == 0
+
+
+def test_a_stuck_local_worker_is_an_error_not_a_hang(monkeypatch) -> None:
+    """No task finishing in the local pool for TASK_TIMEOUT_S stops its processes and raises
+    StageError naming clean.workers, instead of waiting forever."""
+    monkeypatch.setattr(workers, "TASK_TIMEOUT_S", 2.0)
+    pool = workers.WorkerPool(2)
+    started = time.monotonic()
+    with pytest.raises(StageError, match=r"clean\.workers: no 'sleep' task finished.*stuck"):
+        list(pool.map(time.sleep, [600.0, 600.0], "sleep", "task"))
+    pool.close()  # nothing left to wait for: the stuck processes were stopped
+
+    assert time.monotonic() - started < 60
+    assert pool._pool is None
